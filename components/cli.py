@@ -1,0 +1,116 @@
+"""The `capfilt` command line.
+
+Every sub-command is a small function that parses nothing itself: argparse builds the typed
+arguments, the function imports the component it drives (lazily, so `capfilt --help` stays fast)
+and calls its `run`. A `CapfiltError` becomes a one-line message and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from components.errors import CapfiltError
+
+# Offline and quiet by default; a user's explicit setting wins.
+_QUIET_ENV = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from components import synth
+    from components.config import load_params
+
+    cfg = load_params(args.params, args.set).synth
+    if args.seed is not None:
+        cfg = cfg.model_copy(update={"seed": args.seed})
+    summary = synth.run(cfg, Path(args.out))
+    print(summary.describe())
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from components import stages
+
+    stages.run_stage(args.name, Path(args.params), args.set)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from components import stages
+
+    stages.run_pipeline(Path(args.params), force=args.force)
+    return 0
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter, e.g. --set synth.n_web=500 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capfilt",
+        description="BLIP pre-training and CapFilt dataset bootstrapping as a versioned pipeline.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="draw the embedded synthetic corpus (deterministic from a seed)")
+    p.add_argument("--out", default="data", help="output folder (default: data)")
+    p.add_argument("--seed", type=int, default=None, help="overrides synth.seed")
+    _add_params(p)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("stage", help="run one pipeline stage from params.yaml (what dvc.yaml calls)")
+    p.add_argument("name", help="stage name, e.g. ingest")
+    _add_params(p)
+    p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("run", help="run the whole pipeline")
+    p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CapfiltError as exc:
+        print(f"capfilt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"capfilt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

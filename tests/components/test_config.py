@@ -1,0 +1,69 @@
+"""Contract tests for the params loader: unknown keys and wrong types are named errors."""
+
+from pathlib import Path
+
+import pytest
+
+from components.config import Params, load_params, parse_params
+from components.errors import CapfiltError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_repository_params_validate():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.synth.image_size > 0
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("synth:\n  seed: 0\n  n_webb: 10\n")
+    with pytest.raises(CapfiltError) as e:
+        load_params(p)
+    assert "synth.n_webb: unknown key" in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_unknown_section_is_named(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("synthh:\n  seed: 0\n")
+    with pytest.raises(CapfiltError, match="synthh: unknown key"):
+        load_params(p)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(CapfiltError) as e:
+        parse_params({"synth": {"image_size": "big"}})
+    assert "synth.image_size" in str(e.value)
+    assert "'big'" in str(e.value)
+
+
+def test_strict_types_do_not_coerce_strings():
+    with pytest.raises(CapfiltError, match="synth.seed"):
+        parse_params({"synth": {"seed": "3"}})
+
+
+def test_params_are_frozen():
+    params = parse_params({})
+    with pytest.raises(Exception):
+        params.synth.seed = 5  # type: ignore[misc]
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("synth:\n  seed: 0\n")
+    assert load_params(p, ["synth.seed=7"]).synth.seed == 7
+    with pytest.raises(CapfiltError, match="synth.seed"):
+        load_params(p, ["synth.seed=abc"])
+    with pytest.raises(CapfiltError, match="KEY=VALUE"):
+        load_params(p, ["synth.seed"])
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(CapfiltError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed\n")
+    with pytest.raises(CapfiltError, match="not valid YAML"):
+        load_params(bad)

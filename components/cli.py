@@ -35,7 +35,31 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     cfg = load_params(args.params, args.set).synth
     if args.seed is not None:
         cfg = cfg.model_copy(update={"seed": args.seed})
+    if args.preview:
+        synth.check_preview_path(Path(args.preview), Path(args.out))
     summary = synth.run(cfg, Path(args.out))
+    print(summary.describe())
+    if args.preview:
+        print(f"preview: {synth.write_preview(Path(args.out), Path(args.preview))}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from components import ingest
+    from components.config import apply_overrides, load_params, parse_params
+    from components.formats import SourceSpec
+
+    overrides = args.set + ([f"ingest.workers={args.workers}"] if args.workers is not None else [])
+    if args.params == "params.yaml" and not Path(args.params).exists():
+        cfg = parse_params(apply_overrides({}, overrides)).ingest  # outside a project: defaults
+    else:
+        cfg = load_params(args.params, overrides).ingest
+    specs = [
+        SourceSpec(path=s, format=args.format, image_root=args.image_root,
+                   image_column=args.image_column, caption_column=args.caption_column)
+        for s in args.sources
+    ]  # fmt: skip
+    summary = ingest.run(specs, Path(args.out), cfg, kind=args.kind, split=args.split)
     print(summary.describe())
     return 0
 
@@ -76,8 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="draw the embedded synthetic corpus (deterministic from a seed)")
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--seed", type=int, default=None, help="overrides synth.seed")
+    p.add_argument("--preview", default=None, help="also draw a PNG grid of samples here")
     _add_params(p)
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("ingest", help="image-text sources -> manifest + shards")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="annotation file, tar shard or folder of shards; local or s3://")
+    p.add_argument("--out", required=True, help="output folder (replaced only on success)")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "coco", "karpathy", "blip", "webdataset", "csv", "parquet"])
+    p.add_argument("--image-root", default=None,
+                   help="folder image paths are relative to (default: the annotation file's)")
+    p.add_argument("--kind", default="web", choices=["human", "web"], help="the rows' source")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--image-column", default=None, help="csv/parquet image-path column")
+    p.add_argument("--caption-column", default=None, help="csv/parquet caption column")
+    p.add_argument("--workers", type=int, default=None, help="ingest.workers (0: all cores)")
+    _add_params(p)
+    p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("stage", help="run one pipeline stage from params.yaml (what dvc.yaml calls)")
     p.add_argument("name", help="stage name, e.g. ingest")
@@ -94,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    # DeepSpeed's JIT-built ops: the copy `make setup` pre-built inside the virtualenv.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

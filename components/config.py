@@ -10,7 +10,7 @@ names in `params.yaml`, in `dvc.yaml` `params:` lists and in MLflow params.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -49,13 +49,218 @@ class SynthConfig(Section):
     """The procedural image-text world (see components/synth.py for the design)."""
 
     seed: int = 0
-    image_size: int = Field(64, ge=16, le=1024)
+    image_size: int = Field(64, ge=32, le=1024, multiple_of=2)  # square; 2×2 position grid
     n_human: int = Field(1000, ge=1)  # images in the human (COCO-style) set
     captions_per_image: int = Field(5, ge=1, le=20)
     n_web: int = Field(4000, ge=1)  # images in the noisy web set, one text each
     n_test: int = Field(300, ge=1)  # held-out images with reference captions
-    max_objects: int = Field(3, ge=1, le=6)
+    max_objects: int = Field(3, ge=1, le=4)  # one object per quadrant at most
+    duplicate_prob: float = Field(0.2, ge=0, le=1)  # an object repeats an earlier one: "two ..."
     noise: NoiseMix = NoiseMix()
+
+
+# --- training: the one loop (components/train.py) ---------------------------------------------
+
+
+class ScheduleConfig(Section):
+    """One training stage's length and learning-rate schedule (components/optim.py:lr_at)."""
+
+    steps: int = Field(300, ge=1)  # optimizer steps
+    lr: float = Field(0.001, gt=0)  # peak learning rate
+    kind: Literal["cosine", "step"] = "cosine"  # warm-up + cosine, or BLIP's step decay
+    warmup_steps: int = Field(30, ge=0)  # linear warm-up to lr
+    min_lr: float = Field(0.00001, ge=0)  # floor of both schedules
+    decay_rate: float = Field(0.9, gt=0, le=1)  # step: lr·decay_rate^(step // decay_every)
+    decay_every: int = Field(100, ge=1)  # step: optimizer steps per decay (BLIP: one epoch)
+
+
+class TrainConfig(Section):
+    """DeepSpeed, optimiser, data-loading and checkpoint settings shared by every training stage."""
+
+    seed: int = 0  # each rank seeds with seed + rank
+    processes: int = Field(1, ge=1)  # ranks; > 1 starts them through the deepspeed launcher
+    hostfile: str | None = None  # multi-node: a deepspeed hostfile (then it sets the ranks)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU only
+    micro_batch: int = Field(32, ge=1)  # samples per rank per forward
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = off
+    weight_decay: float = Field(0.05, ge=0)  # AdamW, matrices only
+    threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / ranks
+    num_workers: int = Field(0, ge=0)  # data-loader worker processes per rank
+    shuffle_buffer: int = Field(1000, ge=1)  # samples held for shuffling the stream
+    checkpoint_every: int = Field(100, ge=1)  # optimizer steps between resume checkpoints
+    keep_checkpoints: int = Field(1, ge=1)  # complete resume checkpoints kept
+    resume: bool = True  # continue from the latest complete checkpoint of the same run
+    log_every: int = Field(10, ge=1)  # optimizer steps between loss.csv rows / log lines
+
+
+class ModelSection(Section):
+    """The BLIP model: a preset of models/config.py plus dotted overrides ("vision.depth": 2)."""
+
+    preset: Literal["tiny", "base", "large"] = "tiny"
+    overrides: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+
+class AugmentConfig(Section):
+    """BLIP's train-time image augmentation. Keep it off for the embedded corpus: its captions
+    name positions (a flip swaps left and right) and every object (a crop can drop one)."""
+
+    enabled: bool = False  # off: resize + normalise only (the eval transform)
+    min_scale: float = Field(0.5, gt=0, le=1)  # RandomResizedCrop scale (BLIP: 0.2 pretrain, 0.5 tune)
+    hflip: bool = True  # random horizontal flip
+    randaugment: bool = True  # RandAugment, 2 ops at magnitude 5
+
+
+class TextInput(Section):
+    """How captions become token ids (BLIP's pre_caption + the trained WordPiece tokenizer)."""
+
+    max_words: int = Field(30, ge=1)  # pre_caption word limit
+    max_tokens: int = Field(32, ge=4)  # [CLS] ... [SEP], truncated
+
+
+class PretrainConfig(Section):
+    """Pre-training (ITC + ITM + LM) of a fresh model on ingested manifests (split train rows)."""
+
+    manifests: list[str] = Field(default_factory=lambda: ["outputs/ingest/human/manifest.parquet",
+                                                          "outputs/ingest/web/manifest.parquet"])
+    tokenizer: str = "outputs/ingest/tokenizer"  # folder of tokenizer.json
+    out: str = "outputs/pretrain"  # model/, metrics.json, loss.csv
+    resume_dir: str = "outputs/resume/pretrain"  # DeepSpeed checkpoints, for resuming only
+    schedule: ScheduleConfig = ScheduleConfig()
+    alpha_ramp_steps: int = Field(200, ge=0)  # ITC distillation weight ramps 0 -> model alpha
+    text: TextInput = TextInput()
+    augment: AugmentConfig = AugmentConfig(min_scale=0.2)
+
+
+class RetrainConfig(PretrainConfig):
+    """Round 2: a fresh model pre-trained like `pretrain` on the bootstrapped (or any ingested)
+    manifest."""
+
+    manifests: list[str] = Field(default_factory=lambda: ["outputs/bootstrap/manifest.parquet"])
+    out: str = "outputs/retrain"
+    resume_dir: str = "outputs/resume/retrain"
+
+
+class CaptionerTune(Section):
+    """The captioner fine-tune: LM loss on prompted human captions."""
+
+    schedule: ScheduleConfig = ScheduleConfig()
+    prompt: str = "a picture of "  # prepended to every caption; its tokens are not predicted
+    text: TextInput = TextInput()
+    augment: AugmentConfig = AugmentConfig()
+
+
+class FilterTune(Section):
+    """The filter fine-tune: ITC + ITM with every caption of an image as a positive."""
+
+    schedule: ScheduleConfig = ScheduleConfig()
+    alpha_ramp_steps: int = Field(100, ge=0)
+    text: TextInput = TextInput()
+    augment: AugmentConfig = AugmentConfig()
+
+
+class FinetuneConfig(Section):
+    """Both fine-tunes, from the pre-trained model (round 1) or the re-trained one (round 2);
+    the tokenizer is the one exported with the initial model."""
+
+    manifest: str = "outputs/ingest/human/manifest.parquet"  # human pairs, split train rows
+    round1_init: str = "outputs/pretrain/model"
+    round1_out: str = "outputs/finetune"  # <out>/<task>/model, metrics.json, loss.csv
+    round2_init: str = "outputs/retrain/model"
+    round2_out: str = "outputs/finetune2"
+    resume_dir: str = "outputs/resume"  # <resume_dir>/finetune<round>-<task>
+    captioner: CaptionerTune = CaptionerTune()
+    filter: FilterTune = FilterTune()
+
+
+# --- validation: dataset-level expectations on manifests (components/expectations.py) --------
+
+
+class ValidationConfig(Section):
+    """Thresholds of the Great Expectations suites; row-level rules live in components/schemas.py.
+
+    Defaults pass on realistic data (COCO-style captions, web alt-texts, the embedded corpus)."""
+
+    min_rows: int = Field(1, ge=0)  # an empty manifest is a failed stage, not a dataset
+    max_null_fraction: float = Field(0.0, ge=0, le=1)  # per key column
+    max_duplicate_pair_fraction: float = Field(0.01, ge=0, le=1)  # rows in repeated (image_key, caption)
+    caption_mean_chars_min: float = Field(8.0, ge=0)  # mean caption length, characters
+    caption_mean_chars_max: float = Field(300.0, gt=0)
+    caption_q05_chars_min: float = Field(2.0, ge=0)  # 5th percentile of caption length
+    caption_q95_chars_max: float = Field(500.0, gt=0)  # 95th percentile of caption length
+    min_side: int = Field(8, ge=1)  # width and height of every stored image, pixels
+    max_side: int = Field(8192, ge=1)
+    min_synthetic_fraction: float = Field(0.01, ge=0, le=1)  # bootstrapped manifests only
+    max_synthetic_fraction: float = Field(0.9, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ValidationConfig:
+        pairs = [("caption_mean_chars_min", "caption_mean_chars_max"), ("min_side", "max_side"),
+                 ("min_synthetic_fraction", "max_synthetic_fraction")]
+        for lo, hi in pairs:
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} ({getattr(self, lo)}) exceeds {hi} ({getattr(self, hi)})")
+        return self
+
+
+# --- ingest: sources → manifests + image shards (components/ingest.py) ------------------------
+
+INGEST_FORMATS = ("auto", "coco", "karpathy", "blip", "webdataset", "csv", "parquet")
+
+
+class IngestSource(Section):
+    """One source of the ingest stage: an annotation file, a tar shard or folder of them, or an
+    s3:// URI (credentials and endpoint from the standard AWS environment, never from here)."""
+
+    path: str
+    format: Literal["auto", "coco", "karpathy", "blip", "webdataset", "csv", "parquet"] = "auto"
+    image_root: str | None = None  # image paths are relative to it; default: the file's folder
+    kind: Literal["human", "web"] = "web"  # the manifest's `source` column
+    split: Literal["train", "val", "test"] = "train"
+    image_column: str | None = None  # csv/parquet; default: image, filepath, file_name, path
+    caption_column: str | None = None  # csv/parquet; default: caption, text, title
+
+
+class TokenizerConfig(Section):
+    """The WordPiece vocabulary trained on the ingested training captions."""
+
+    vocab_size: int = Field(1000, ge=16)  # special tokens included
+    min_frequency: int = Field(1, ge=1)  # a merge must be seen this often
+    max_words: int = Field(30, ge=1)  # pre_caption word limit (BLIP: 30)
+
+
+def _default_sources() -> dict[str, IngestSource]:
+    return {
+        "human": IngestSource(path="data/human/annotations.json", format="coco",
+                              image_root="data/human/images", kind="human"),
+        "web": IngestSource(path="data/web/web.json", format="blip", kind="web"),
+        "test": IngestSource(path="data/test/test.json", format="karpathy", kind="human",
+                             split="test"),
+    }  # fmt: skip
+
+
+class IngestConfig(Section):
+    """`capfilt ingest` and the ingest stage: image checks, storage, captions, sources."""
+
+    out: str = "outputs/ingest"  # stage output root: one folder per source + tokenizer/
+    sources: dict[str, IngestSource] = Field(default_factory=_default_sources)
+    workers: int = Field(0, ge=0)  # image worker processes; 0 = os.cpu_count()
+    shard_size: int = Field(1000, ge=1)  # images per tar shard
+    max_side: int = Field(512, ge=8)  # longer side of the stored image, pixels
+    max_pixels: int = Field(89_478_485, ge=1)  # more is a decompression bomb (Pillow's default)
+    image_format: Literal["png", "jpeg", "webp"] = "png"  # stored format
+    quality: int = Field(90, ge=1, le=100)  # jpeg/webp
+    png_compress_level: int = Field(6, ge=0, le=9)
+    max_caption_chars: int = Field(1000, ge=1, le=1000)  # longer captions are truncated
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _source_names(self) -> IngestConfig:
+        for name in self.sources:
+            if not name.replace("_", "").replace("-", "").isalnum() or name == "tokenizer":
+                raise ValueError(f"source name {name!r}: letters, digits, - and _; not 'tokenizer'")
+        return self
 
 
 # --- the root ---------------------------------------------------------------------------------
@@ -65,6 +270,13 @@ class Params(Section):
     """All of params.yaml. A missing section takes its defaults; an unknown one is an error."""
 
     synth: SynthConfig = SynthConfig()
+    train: TrainConfig = TrainConfig()
+    model: ModelSection = ModelSection()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    validation: ValidationConfig = ValidationConfig()
+    ingest: IngestConfig = IngestConfig()
 
 
 def _format_error(path: Path, err: dict[str, Any]) -> str:

@@ -19,13 +19,44 @@ log = logging.getLogger(__name__)
 
 
 def _ingest(params: Params) -> None:
-    from components import ingest
+    from components import ingest_stage
 
-    ingest.run_stage(params.ingest)
+    ingest_stage.run(params.ingest, params.validation)
 
+
+def _pretrain(params: Params) -> None:
+    from components import train_stages
+
+    train_stages.run_pretrain(params)
+
+
+def _finetune(task: str, round_: int) -> Callable[[Params], None]:
+    def run(params: Params) -> None:
+        from components import train_stages
+
+        train_stages.run_finetune(params, task, round_)
+
+    return run
+
+
+def _retrain(params: Params) -> None:
+    from components import train_stages
+
+    train_stages.run_retrain(params)
+
+
+# Training stages run as `train.processes` ranks through the deepspeed launcher when > 1.
+TRAINING_STAGES = ("pretrain", "finetune-captioner", "finetune-filter", "retrain",
+                   "finetune2-captioner", "finetune2-filter")
 
 STAGES: dict[str, Callable[[Params], None]] = {
     "ingest": _ingest,
+    "pretrain": _pretrain,
+    "finetune-captioner": _finetune("captioner", 1),
+    "finetune-filter": _finetune("filter", 1),
+    "retrain": _retrain,
+    "finetune2-captioner": _finetune("captioner", 2),
+    "finetune2-filter": _finetune("filter", 2),
 }
 
 
@@ -34,6 +65,14 @@ def run_stage(name: str, params_path: Path, overrides: list[str] | None = None) 
     if name not in STAGES:
         raise CapfiltError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_path, overrides)
+    if name in TRAINING_STAGES and params.train.processes > 1:
+        from components import distributed
+
+        if not distributed.is_launched_rank():  # start the ranks, each re-running this stage
+            argv = ["stage", name, "--params", str(params_path)]
+            argv += [a for item in overrides or [] for a in ("--set", item)]
+            distributed.launch_ranks(params.train.processes, argv, params.train.hostfile)
+            return
     log.info("stage %s", name)
     STAGES[name](params)
 

@@ -1,0 +1,76 @@
+"""Caption text: the normalisation `capfilt ingest` applies, and BLIP's `pre_caption` for training.
+
+`normalize_caption` turns whatever a source holds in its caption field into either clean text or
+a reject reason. It is deliberately conservative, because the manifest is the corpus of record:
+markup is removed (tags that look like HTML, then entities unescaped, so an encoded `&lt;b&gt;`
+survives as the literal text `<b>`), the text is put in Unicode NFC, control characters become
+spaces, whitespace runs collapse to one space, and text longer than `max_chars` is truncated (never
+dropped). Case and punctuation are kept; `pre_caption` is the lossy, model-side view (lower case,
+BLIP's punctuation list removed, first `max_words` words) that training and the tokenizer use.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import unicodedata
+
+from components.reasons import EMPTY_CAPTION, INVALID_UTF8, NON_STRING_CAPTION
+
+
+# Only things shaped like tags: "<b>", "</a>", "<br/>", "<img src=...>"; "a < b > c" is left alone.
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>")
+_SPACE = re.compile(r"\s+")
+# BLIP data/utils.py: these characters become spaces; commas, ?, ' and - are kept.
+_BLIP_PUNCT = re.compile(r"[.!\"()*#:;~]")
+
+
+def _is_null(raw: object) -> bool:
+    return raw is None or (isinstance(raw, float) and math.isnan(raw))
+
+
+def _controls_to_space(text: str) -> str:
+    # Cc = C0/C1 controls (tab and newline included, they are whitespace anyway); Cf (format chars
+    # such as zero-width joiners) are kept: some scripts and emoji sequences need them.
+    return "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+
+
+def normalize_caption(raw: object, max_chars: int = 1000) -> tuple[str | None, str | None, str]:
+    """Normalise one raw caption value.
+
+    Returns `(text, None, "")` for a usable caption, or `(None, reason, detail)` where reason is
+    `empty_caption` (null, empty or only whitespace/markup), `non_string_caption` (a number, list,
+    mapping...) or `invalid_utf8` (lone surrogates that cannot be stored as UTF-8).
+    """
+    if _is_null(raw):
+        return None, EMPTY_CAPTION, "caption is null"
+    if isinstance(raw, bytes):
+        return None, NON_STRING_CAPTION, "caption is bytes, not text"
+    if not isinstance(raw, str):
+        return None, NON_STRING_CAPTION, f"caption is a {type(raw).__name__}, not a string"
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, INVALID_UTF8, "caption holds lone surrogates (not valid UTF-8)"
+    text = _TAG.sub(" ", raw)
+    text = html.unescape(text)
+    text = unicodedata.normalize("NFC", text)
+    text = _controls_to_space(text)
+    text = _SPACE.sub(" ", text).strip()
+    if not text:
+        return None, EMPTY_CAPTION, "caption is empty after normalisation"
+    if len(text) > max_chars:
+        text = text[:max_chars].rstrip()
+    return text, None, ""
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """BLIP's training-time text view: lower case, `. ! " ( ) * # : ; ~` → space, whitespace
+    collapsed and stripped, first `max_words` space-separated words kept."""
+    text = _BLIP_PUNCT.sub(" ", caption.lower())
+    text = _SPACE.sub(" ", text).strip()
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text

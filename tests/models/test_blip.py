@@ -1,0 +1,273 @@
+"""BLIP models: presets, encoder/decoder sharing, decoupling, momentum, queues, ITM scoring."""
+
+import pytest
+import torch
+
+from models.blip import BlipCaptioner, BlipFilter, BlipPretrain, count_parameters
+from models.blip_base import with_first_token
+from models.config import resolve_config
+from models.losses import lm_labels, lm_loss
+
+TINY = resolve_config("tiny", {"text.num_layers": 2, "vision.depth": 2, "queue_size": 16, "text.vocab_size": 60})
+B, T = 4, 8
+
+
+def _batch(cfg=TINY, b=B, t=T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.vision.image_size
+    image = torch.randn(b, 3, size, size, generator=g)
+    ids = torch.randint(5, cfg.text.vocab_size, (b, t), generator=g)
+    ids[:, 0] = cfg.text.cls_token_id
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, t - 2:] = 0
+    ids[0, t - 2:] = cfg.text.pad_token_id
+    return image, ids, mask
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    torch.manual_seed(0)
+    return BlipPretrain(TINY)
+
+
+def test_tiny_pretrain_step_reaches_every_objective(pretrain):
+    image, ids, mask = _batch()
+    pretrain.zero_grad()
+    out = pretrain(image, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    for value in (out.loss, out.loss_itc, out.loss_itm, out.loss_lm):
+        assert value.dim() == 0 and torch.isfinite(value)
+    torch.testing.assert_close(out.loss, out.loss_itc + out.loss_itm + out.loss_lm)
+    assert 0.0 <= out.itm_accuracy.item() <= 1.0 and not out.itm_accuracy.requires_grad
+    out.loss.backward()
+    layer = pretrain.text_encoder.encoder.layer[0]
+    dec_layer = pretrain.text_decoder.bert.encoder.layer[0]
+    for p in (layer.crossattention.self.key.weight, layer.attention.self.query.weight,
+              dec_layer.attention.self.query.weight, pretrain.itm_head.weight, pretrain.temp,
+              pretrain.visual_encoder.pos_embed, pretrain.text_decoder.cls.predictions.bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in pretrain.visual_encoder_m.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["base", "large"])
+def test_big_presets_at_reduced_depth(preset):
+    cfg = resolve_config(preset, {"vision.depth": 1, "text.num_layers": 1, "queue_size": 8})
+    torch.manual_seed(0)
+    model = BlipPretrain(cfg)
+    image, ids, mask = _batch(cfg, b=2, t=6)
+    with torch.no_grad():
+        embeds = model.encode_image(image)
+        out = model(image, ids, mask, alpha=0.4)
+    assert embeds.shape == (2, 197, cfg.vision.width)
+    assert torch.isfinite(out.loss)
+    assert model.text_encoder.encoder.layer[0].crossattention.self.key.in_features == cfg.vision.width
+
+
+def test_sharing_scheme(pretrain):
+    enc, dec = pretrain.text_encoder, pretrain.text_decoder.bert
+    assert dec.embeddings.word_embeddings.weight is enc.embeddings.word_embeddings.weight
+    assert pretrain.text_decoder.cls.predictions.decoder.weight is enc.embeddings.word_embeddings.weight
+    for el, dl in zip(enc.encoder.layer, dec.encoder.layer):
+        assert dl.crossattention.self.key.weight is el.crossattention.self.key.weight
+        assert dl.crossattention.output.LayerNorm.weight is el.crossattention.output.LayerNorm.weight
+        assert dl.intermediate.dense.weight is el.intermediate.dense.weight
+        assert dl.output.LayerNorm.bias is el.output.LayerNorm.bias
+        assert dl.attention.self.query.weight is not el.attention.self.query.weight
+        assert dl.attention.output.dense.weight is not el.attention.output.dense.weight
+    # the momentum encoder is a separate copy
+    assert pretrain.text_encoder_m.embeddings.word_embeddings.weight is not enc.embeddings.word_embeddings.weight
+    state = pretrain.state_dict()
+    for name in ["encoder.layer.1.crossattention.self.query.weight", "encoder.layer.1.output.dense.weight",
+                 "embeddings.word_embeddings.weight", "encoder.layer.1.attention.self.key.bias"]:
+        assert f"text_encoder.{name}" in state and f"text_decoder.bert.{name}" in state
+    assert {"image_queue", "text_queue", "queue_ptr", "temp", "vision_proj_m.weight", "itm_head.weight",
+            "text_decoder.cls.predictions.decoder.weight", "visual_encoder_m.cls_token"} <= set(state)
+    # unique trainable parameters: the decoder only adds its self-attention and LM transform
+    layer = enc.encoder.layer[0]
+    self_attn = sum(p.numel() for p in layer.attention.parameters())
+    head = sum(p.numel() for p in pretrain.text_decoder.cls.predictions.transform.parameters())
+    head += pretrain.text_decoder.cls.predictions.bias.numel()
+    encoder_side = sum(p.numel() for n, p in pretrain.named_parameters()
+                       if p.requires_grad and not n.startswith("text_decoder"))
+    assert count_parameters(pretrain, trainable_only=True) == encoder_side + len(enc.encoder.layer) * self_attn + head
+
+
+def test_unshared_cross_attention_option():
+    cfg = resolve_config("tiny", {"text.num_layers": 1, "vision.depth": 1, "share_cross_attention": False,
+                                  "queue_size": 16, "text.vocab_size": 60})
+    model = BlipPretrain(cfg)
+    el, dl = model.text_encoder.encoder.layer[0], model.text_decoder.bert.encoder.layer[0]
+    assert dl.crossattention.self.key.weight is not el.crossattention.self.key.weight
+    assert dl.intermediate.dense.weight is el.intermediate.dense.weight
+    image, ids, mask = _batch(cfg)
+    assert torch.isfinite(model(image, ids, mask, alpha=0.4).loss)
+
+
+def test_lm_loss_with_shared_image_keys_equals_plain_decoder(pretrain):
+    pretrain.eval()
+    image, ids, mask = _batch(seed=2)
+    with torch.no_grad():
+        out = pretrain(image, ids, mask, alpha=0.0)
+        dec_ids = with_first_token(ids, TINY.text.bos_token_id)
+        logits = pretrain.text_decoder(dec_ids, mask, pretrain.visual_encoder(image))
+        expected = lm_loss(logits, lm_labels(dec_ids, mask), TINY.label_smoothing)
+    pretrain.train()
+    torch.testing.assert_close(out.loss_lm, expected)
+
+
+def test_temp_is_clamped(pretrain):
+    image, ids, mask = _batch()
+    for start, clamped in [(2.0, 0.5), (1e-5, 0.001)]:
+        with torch.no_grad():
+            pretrain.temp.fill_(start)
+            pretrain(image, ids, mask, alpha=0.4)
+        assert pretrain.temp.item() == pytest.approx(clamped)
+    with torch.no_grad():
+        pretrain.temp.fill_(0.07)
+
+
+def test_momentum_update_happens_before_momentum_forward(pretrain):
+    image, ids, mask = _batch()
+    online = pretrain.visual_encoder.patch_embed.proj.weight.detach().clone()
+    before = pretrain.visual_encoder_m.patch_embed.proj.weight.detach().clone()
+    seen = {}
+
+    def record(module, args):
+        seen.setdefault("w", module.patch_embed.proj.weight.detach().clone())
+
+    hook = pretrain.visual_encoder_m.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            pretrain(image, ids, mask, alpha=0.4)
+    finally:
+        hook.remove()
+    m = TINY.momentum
+    torch.testing.assert_close(seen["w"], m * before + (1 - m) * online)
+    assert not torch.equal(seen["w"], before)
+
+
+def test_queue_holds_momentum_features_and_gather_is_injected(pretrain):
+    image, ids, mask = _batch(seed=3)
+    pretrain.eval()
+    with torch.no_grad():
+        pretrain.queue_ptr.zero_()
+        pretrain(image, ids, mask, alpha=0.4)
+        assert pretrain.queue_ptr.item() == B
+        feat_m, text_m = pretrain.momentum_features(image, with_first_token(ids, TINY.text.cls_token_id), mask)
+        torch.testing.assert_close(pretrain.image_queue[:, :B], feat_m.t())
+        torch.testing.assert_close(pretrain.text_queue[:, :B], text_m.t())
+        pretrain.gather = lambda x: torch.cat([x, x])  # two fake ranks
+        try:
+            pretrain(image, ids, mask, alpha=0.4)
+            assert pretrain.queue_ptr.item() == B + 2 * B
+            with pytest.raises(ValueError, match="queue_size 16 is not a multiple of the global batch 6"):
+                pretrain(image[:3], ids[:3], mask[:3], alpha=0.4)
+        finally:
+            pretrain.gather = lambda x: x
+    pretrain.train()
+
+
+def test_decoupled_copies_from_pretrain_state(pretrain):
+    state = pretrain.state_dict()
+    captioner = BlipCaptioner.from_pretrain_state_dict(TINY, state)
+    filt = BlipFilter.from_pretrain_state_dict(TINY, state)
+    torch.testing.assert_close(captioner.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight,
+                               state["text_decoder.bert.encoder.layer.0.crossattention.self.key.weight"])
+    torch.testing.assert_close(filt.text_encoder_m.embeddings.word_embeddings.weight,
+                               state["text_encoder_m.embeddings.word_embeddings.weight"])
+    torch.testing.assert_close(filt.image_queue, state["image_queue"])
+    assert filt.ptr_queue.item() == 0 and filt.idx_queue.eq(-100).all()
+    with torch.no_grad():
+        captioner.text_decoder.bert.embeddings.word_embeddings.weight.add_(1.0)
+    assert not torch.equal(captioner.text_decoder.bert.embeddings.word_embeddings.weight,
+                           filt.text_encoder.embeddings.word_embeddings.weight)
+    assert not torch.equal(captioner.text_decoder.bert.embeddings.word_embeddings.weight,
+                           pretrain.text_encoder.embeddings.word_embeddings.weight)
+    # the LM head stays tied inside the captioner
+    assert captioner.text_decoder.cls.predictions.decoder.weight is \
+        captioner.text_decoder.bert.embeddings.word_embeddings.weight
+    broken = {k: v for k, v in state.items() if not k.startswith("text_decoder.cls")}
+    with pytest.raises(ValueError, match="text_decoder.cls.predictions"):
+        BlipCaptioner.from_pretrain_state_dict(TINY, broken)
+    other_vocab = resolve_config("tiny", {"text.num_layers": 2, "vision.depth": 2, "queue_size": 16,
+                                          "text.vocab_size": 61})
+    with pytest.raises(ValueError, match="word_embeddings.weight has shape"):
+        BlipCaptioner.from_pretrain_state_dict(other_vocab, state)
+    smaller_queue = resolve_config("tiny", {"text.num_layers": 2, "vision.depth": 2, "queue_size": 8,
+                                            "text.vocab_size": 60})
+    assert BlipFilter.from_pretrain_state_dict(smaller_queue, state).image_queue.shape == (128, 8)
+
+
+def test_filter_step_with_image_id_positives():
+    torch.manual_seed(0)
+    filt = BlipFilter(TINY)
+    image, ids, mask = _batch()
+    out = filt(image, ids, mask, torch.tensor([5, 5, 6, 7]), alpha=0.4, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and filt.itm_head.weight.grad.abs().sum() > 0
+    assert filt.idx_queue[0, :B].tolist() == [5, 5, 6, 7] and filt.ptr_queue.item() == B
+    # every caption of one image: no negative exists, ITM falls back to positives only
+    same = filt(image, ids, mask, torch.zeros(B, dtype=torch.long), alpha=0.4)
+    assert torch.isfinite(same.loss)
+
+
+def test_filter_negative_all_rank_path():
+    cfg = resolve_config("tiny", {"text.num_layers": 1, "vision.depth": 1, "queue_size": 16,
+                                  "text.vocab_size": 60, "negative_all_rank": True})
+    torch.manual_seed(0)
+    filt = BlipFilter(cfg)
+    image, ids, mask = _batch(cfg)
+    out = filt(image, ids, mask, torch.arange(B), alpha=0.4)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and filt.visual_encoder.cls_token.grad is not None
+
+
+def test_itm_scores_encode_each_image_once_and_match_unbatched(pretrain):
+    pretrain.eval()
+    calls = []
+    hook = pretrain.visual_encoder.register_forward_hook(lambda *a: calls.append(1))
+    images, ids, mask = _batch(seed=4)
+    ids = ids.repeat(2, 1)[:6]
+    mask = mask.repeat(2, 1)[:6]
+    index = torch.tensor([0, 0, 1, 1, 2, 3])
+    try:
+        with torch.inference_mode():
+            embeds = pretrain.encode_image(images)
+            scores = pretrain.itm_scores(embeds, ids, mask, index)
+            sims = pretrain.itc_similarity(embeds, ids, mask)
+            texts = [row[m.bool()] for row, m in zip(ids, mask)]
+            listed = pretrain.itm_scores(embeds, texts, None, index)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and scores.shape == (6,) and sims.shape == (B, 6)
+    assert ((scores > 0) & (scores < 1)).all() and sims.abs().max() <= 1 + 1e-5
+    torch.testing.assert_close(listed, scores, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for row in range(6):
+            enc = with_first_token(ids[row:row + 1], TINY.text.enc_token_id)
+            hidden = pretrain.text_encoder(enc, mask[row:row + 1], "multimodal", embeds[index[row]][None])
+            single = pretrain.itm_head(hidden[:, 0]).softmax(1)[0, 1]
+            assert scores[row].item() == pytest.approx(single.item(), abs=1e-5)
+    pretrain.train()
+
+
+def test_captioner_step_decoder_matches_full_forward():
+    torch.manual_seed(0)
+    captioner = BlipCaptioner(TINY).eval()
+    image, ids, mask = _batch(seed=5)
+    ids = with_first_token(ids, TINY.text.bos_token_id)
+    with torch.inference_mode():
+        embeds = captioner.encode_image(image)
+        full = captioner.decoder_logits(ids, None, embeds)
+        decoder = captioner.step_decoder()
+        logits, cache = decoder.prefill(ids[:, :2], embeds)
+        out = [logits]
+        for t in range(2, T):
+            logits, cache = decoder.step(ids[:, t:t + 1], cache)
+            out.append(logits)
+        cache = decoder.reorder(cache, torch.tensor([3, 3, 0]))
+        assert cache.batch_size == 3
+    torch.testing.assert_close(torch.stack(out, 1), full[:, 1:], rtol=0, atol=1e-5)
+    loss = captioner(image, ids, mask, prompt_length=3)
+    loss.loss.backward()
+    assert torch.isfinite(loss.loss) and captioner.visual_encoder.cls_token.grad is not None

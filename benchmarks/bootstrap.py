@@ -1,0 +1,167 @@
+"""Bootstrap throughput: capfilt's CapFilt pass against a straightforward transformers BLIP loop.
+
+Both sides do the whole per-image work of the bootstrap stage on the same web shard: decode the
+PNG, resize + normalise, caption it with nucleus sampling ("a picture of " prompt, top-p 0.9,
+repetition penalty 1.1, top_k off), then score the web text and the synthetic caption with ITM.
+capfilt runs `components.bootstrap.process_shard` (each ViT encodes an image once, ITM shares the
+image keys/values across both texts, per-image seeded sampling); transformers runs
+`BlipForConditionalGeneration.generate` and two `BlipForImageTextRetrieval` forwards per batch.
+The transformers models have random weights (peaked LM head, as `benchmarks/caption.py` builds
+them) and are converted into capfilt with `models.convert`, so both sides run identical weights
+and configs. Runs alternate; the best of the rounds is kept. The last line is one JSON object
+with images/s of each side and `ratio` = capfilt / transformers.
+Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--threads N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from components.batch_inference import Images, Loaded, tokenize
+from components.bootstrap import Models, process_shard
+from components.config import BootstrapConfig, TokenizerConfig
+from components.shards import ShardWriter
+from components.tokenizer import train_tokenizer
+from models.config import resolve_config
+
+WORDS = ("red", "green", "blue", "small", "large", "square", "ring", "cross", "top", "left", "right")
+
+
+def _caption_bench():
+    spec = importlib.util.spec_from_file_location("caption_bench", Path(__file__).with_name("caption.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def web_shard(folder: Path, n: int, size: int) -> pd.DataFrame:
+    """n random PNGs in one shard, one web text each: the rows `process_shard` takes."""
+    rng = np.random.default_rng(0)
+    writer, rows = ShardWriter(folder, max_count=n), []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+        shard = writer.add(f"{i:06d}", {"png": buf.getvalue()})
+        text = " ".join(rng.choice(WORDS, 6))
+        rows.append({"sample_id": f"img{i}#0", "image_key": f"img{i}", "caption": text, "shard": shard,
+                     "member": f"{i:06d}.png", "sha": hashlib.sha256(buf.getvalue()).hexdigest()})
+    writer.close()
+    return pd.DataFrame(rows)
+
+
+def build(preset: str, quick: bool) -> tuple[str, Any, Any, dict[str, tuple[Any, Any]]]:
+    """(label, tokenizer, config, {arch: (hf, capfilt)}) with special ids from a toy tokenizer."""
+    tok = train_tokenizer([" ".join(WORDS), "a picture of"], TokenizerConfig(vocab_size=200))
+    ids = {f"text.{k}": tok.token_to_id(v) for k, v in (("pad_token_id", "[PAD]"), ("cls_token_id", "[CLS]"),
+           ("sep_token_id", "[SEP]"), ("bos_token_id", "[DEC]"), ("enc_token_id", "[ENC]"))}
+    over = dict(ids)
+    if preset == "base":
+        over.update({"vision.depth": 4, "text.num_layers": 4, "vision.image_size": 224} if quick
+                    else {"vision.image_size": 384})
+    over["text.vocab_size"] = 1000 if preset == "tiny" else 30524
+    config = resolve_config(preset, over)
+    label = preset if preset == "tiny" else ("base-d4-224px" if quick else "base-384px")
+    return label, tok, config, _caption_bench().build_pair(config, seed=0)
+
+
+def hf_loop(hf_cap: Any, hf_itm: Any, tok: Any, rows: pd.DataFrame, root: Path, size: int, batch: int,
+            dev: torch.device) -> list[float]:
+    """The straightforward loop: generate, decode, then one retrieval forward per text kind."""
+    images, scores = Images(root), []
+    prompt = torch.tensor(tok.encode("a picture of ").ids)  # [CLS] a picture of [SEP], as HF's processor
+    text_cfg = BootstrapConfig().text
+    for s in range(0, len(rows), batch):
+        chunk = rows.iloc[s : s + batch]
+        pixels = images.tensor(images.load(chunk["shard"].tolist(), chunk["member"].tolist()), size, dev)
+        with torch.inference_mode():
+            out = hf_cap.generate(pixel_values=pixels, input_ids=prompt.repeat(len(chunk), 1).to(dev),
+                                  do_sample=True, top_p=0.9, top_k=0, repetition_penalty=1.1,
+                                  max_new_tokens=16, min_new_tokens=1)
+            synthetic = [t[len("a picture of "):].strip() for t in tok.decode_batch(out.tolist())]
+            for texts in (chunk["caption"].tolist(), synthetic):
+                ids, mask = tokenize(tok, texts, text_cfg, dev)
+                itm = hf_itm(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score
+                scores += itm.softmax(-1)[:, 1].tolist()
+    images.close()
+    return scores
+
+
+def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.device) -> dict:
+    label, tok, config, pair = build(preset, quick)
+    hf_cap, our_cap = (m.to(dev) for m in pair["BlipForConditionalGeneration"])
+    hf_itm, our_itm = (m.to(dev) for m in pair["BlipForImageTextRetrieval"])
+    size = config.vision.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = web_shard(Path(tmp), n, size)
+        cfg = BootstrapConfig(batch_size=batch, web_manifest=str(Path(tmp) / "manifest.parquet"))
+        models = Models(Loaded(our_cap, tok, "-", size), Loaded(our_itm, tok, "-", size),
+                        _generation(config), dev)
+        images = Images(Path(tmp))
+        ours = lambda: process_shard(rows["shard"].iloc[0], rows, cfg, models, images)  # noqa: E731
+        theirs = lambda: hf_loop(hf_cap, hf_itm, tok, rows, Path(tmp), size, batch, dev)  # noqa: E731
+        ours(), theirs()  # warm-up
+        t_ours, t_hf = [], []
+        for _ in range(rounds):
+            t_ours.append(_timed(ours, dev))
+            t_hf.append(_timed(theirs, dev))
+        images.close()
+    result = {"capfilt_img_s": n / min(t_ours), "hf_img_s": n / min(t_hf), "ratio": min(t_hf) / min(t_ours)}
+    print(f"{label:>14} {n} images, batch {batch}: capfilt {result['capfilt_img_s']:8.1f} img/s  "
+          f"transformers {result['hf_img_s']:8.1f} img/s  ratio {result['ratio']:.2f}x", flush=True)
+    return {label: result}
+
+
+def _generation(config: Any) -> Any:
+    from models.generation import GenerationConfig
+
+    t = config.text
+    return GenerationConfig(decoding="nucleus", top_p=0.9, repetition_penalty=1.1, max_new_tokens=16,
+                            min_new_tokens=1, eos_token_id=t.sep_token_id, pad_token_id=t.pad_token_id)
+
+
+def _timed(fn: Any, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny preset only, under a minute on 2 CPU cores")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--presets", nargs="+", default=None, choices=["tiny", "base"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    presets = args.presets or (["tiny"] if args.quick else ["tiny", "base"])
+    summary: dict = {"device": str(dev), "threads": torch.get_num_threads(), "quick": args.quick, "results": {}}
+    for preset in presets:
+        n, batch = (128, 64) if preset == "tiny" else (16, 8)
+        summary["results"].update(bench(preset, args.quick, n if not args.quick else n // 2 * 2, batch,
+                                        1 if args.quick else 3, dev))
+    summary["ratio"] = min(r["ratio"] for r in summary["results"].values())
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Batched inference shared by the bootstrap and evaluate stages: models, shard images, texts, captions.
+
+`load_captioner` / `load_filter` open exported model directories (weights, config, tokenizer;
+a class check names a directory that holds the wrong model) on the best device, and record the
+short sha256 of `model.safetensors` that bootstrapped manifests carry as provenance. `Images`
+decodes shard members and transforms them once per model input size (squash-resize + CLIP
+normalisation, BLIP's eval transform). `tokenize` turns texts into padded ids as training does
+(`pre_caption`, `[CLS] ... [SEP]`, truncation keeping `[SEP]`). `caption` runs the captioner:
+beam and greedy through `models.generation.generate`; nucleus through `sample_nucleus`, which
+draws each row's uniforms from that image's own generator, so a caption depends on (seed, image)
+only — not on the batch it was decoded in, the rank, or a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from components.config import AugmentConfig, TextInput
+from components.data import build_transform
+from components.errors import CapfiltError
+from components.model_io import load_any_tokenizer, load_model
+from components.shards import ShardReader
+from components.text import pre_caption
+from models.generation import GenerationConfig, StepDecoder, decode_batch, generate
+
+# The sampling rules (repetition penalty + EOS block, then top-p) are reused, not copied.
+from models.generation import _nucleus_sample, _process_  # noqa: PLC2701
+
+
+@dataclass
+class Loaded:
+    """An exported model (eval mode, on its device), its tokenizer and the short hash of its weights."""
+
+    model: Any  # BlipCaptioner | BlipFilter | BlipPretrain
+    tokenizer: Any  # tokenizers.Tokenizer
+    digest: str  # first 16 hex digits of sha256(model.safetensors)
+    image_size: int
+
+
+def device(local_rank: int = 0) -> torch.device:
+    """This rank's GPU when there are any (one per local rank), else the CPU (never hard-coded)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast(dev: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast on a GPU; plain fp32 on the CPU."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def checkpoint_hash(directory: Path | str) -> str:
+    """Short sha256 of `directory/model.safetensors`, streamed (base/large files are big)."""
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise CapfiltError(f"{path}: not found; is {directory} an exported capfilt model directory?")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _load(directory: Path | str, kinds: tuple[str, ...], dev: torch.device) -> Loaded:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CapfiltError(f"{directory}: no exported model (config.json missing); train or convert one first")
+    model = load_model(directory, kinds).to(dev).eval()
+    return Loaded(model, load_any_tokenizer(directory), checkpoint_hash(directory),
+                  model.config.vision.image_size)
+
+
+def load_captioner(directory: Path | str, dev: torch.device) -> Loaded:
+    """A captioner (or pre-trained) model directory: weights + config + tokenizer."""
+    return _load(directory, ("captioner", "pretrain"), dev)
+
+
+def load_filter(directory: Path | str, dev: torch.device) -> Loaded:
+    """A filter (or pre-trained) model directory: weights + config + tokenizer."""
+    return _load(directory, ("filter", "pretrain"), dev)
+
+
+class Images:
+    """Decodes shard members (paths relative to `root`) and transforms them per input size."""
+
+    def __init__(self, root: Path) -> None:
+        self.reader = ShardReader(root, max_open=16)
+        self._transforms: dict[int, Any] = {}
+
+    def load(self, shards: Sequence[str], members: Sequence[str]) -> list[Image.Image]:
+        images = []
+        for shard, member in zip(shards, members, strict=True):
+            try:
+                data = self.reader.read(shard, member)
+                images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            except (OSError, KeyError) as exc:
+                raise CapfiltError(f"{self.reader.root / shard}: cannot read image {member!r}: {exc}") from None
+        return images
+
+    def tensor(self, images: Sequence[Image.Image], size: int, dev: torch.device) -> Tensor:
+        """(B, 3, size, size) normalised, on `dev`."""
+        if size not in self._transforms:
+            self._transforms[size] = build_transform(size, AugmentConfig(enabled=False))
+        transform = self._transforms[size]
+        return torch.stack([transform(im) for im in images]).to(dev)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], text: TextInput, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """Texts -> ids (M, T) `[CLS] words [SEP] [PAD]...` and attention mask (M, T), as training."""
+    encoded = tokenizer.encode_batch([pre_caption(t, text.max_words) for t in texts])
+    length = min(text.max_tokens, max(len(e.ids) for e in encoded))
+    ids = torch.zeros(len(texts), length, dtype=torch.long)  # [PAD] = 0
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        tokens = e.ids if len(e.ids) <= length else e.ids[: length - 1] + [e.ids[-1]]  # keep [SEP]
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, : len(tokens)] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def score_texts(filt: Loaded, image: torch.Tensor, texts: list[str], image_index: torch.Tensor,
+                text_cfg: TextInput) -> tuple[list[float], list[float]]:
+    """ITM p(match) and ITC cosine of each text against its image; image (B, 3, H, W) encoded once."""
+    model, dev = filt.model, image.device
+    embeds = model.encode_image(image)  # (B, 1+N, Dv)
+    ids, mask = tokenize(filt.tokenizer, texts, text_cfg, dev)  # (M, T)
+    index = image_index.to(dev)
+    itm = model.itm_scores(embeds, ids, mask, index)  # (M,)
+    cos = (model.image_features(embeds)[index] * model.text_features(ids, mask)).sum(-1)  # (M,)
+    return itm.float().clamp(0, 1).cpu().tolist(), cos.float().cpu().tolist()
+
+
+def prompt_ids(captioner: Loaded, prompt: str, batch: int, dev: torch.device) -> Tensor:
+    """(B, P): `[DEC]` + the prompt's tokens, no `[SEP]` (BLIP's generate)."""
+    words = captioner.tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    ids = [captioner.model.config.text.bos_token_id, *words]
+    return torch.tensor([ids] * batch, dtype=torch.long, device=dev)
+
+
+def image_seed(seed: int, *parts: str) -> int:
+    """A 63-bit seed from the run seed and an image's identity (e.g. its shard and member)."""
+    digest = hashlib.blake2b("/".join([str(seed), *parts]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def row_uniforms(seeds: Sequence[int], k: int, steps: int) -> Tensor:
+    """(B*K, steps) uniforms; image i's K rows come from a generator seeded with seeds[i]."""
+    rows = [torch.rand(k, steps, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def sample_nucleus(decoder: StepDecoder, prompt: Tensor, image_embeds: Tensor, cfg: GenerationConfig,
+                   uniforms: Tensor) -> Tensor:
+    """Nucleus sampling with given uniforms (B*K, max_new_tokens): row r's token at step t is drawn
+    with uniforms[r, t], whatever else is in the batch. Returns new tokens (B*K, L)."""
+    k, n = cfg.num_return_sequences, prompt.shape[0] * cfg.num_return_sequences
+    logits, cache = decoder.prefill(prompt, image_embeds)  # (B, V)
+    dev = logits.device
+    if k > 1:
+        rows = torch.arange(prompt.shape[0], device=dev).repeat_interleave(k)  # (B*K,)
+        cache, logits, prompt = decoder.reorder(cache, rows), logits[rows], prompt[rows]
+    uniforms = uniforms.to(dev)
+    live = torch.arange(n, device=dev)  # output row of each cache row
+    out = torch.full((n, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+    for t in range(cfg.max_new_tokens):
+        history = torch.cat([prompt[live], out[live, :t]], dim=1)  # (R, P + t)
+        scores = _process_(logits.to(torch.float32, copy=True), history, t, cfg)
+        tok = _nucleus_sample(scores / cfg.temperature, cfg.top_p, uniforms[live, t])  # (R,)
+        out[live, t] = tok
+        going = tok != cfg.eos_token_id
+        if t + 1 == cfg.max_new_tokens or not bool(going.any()):
+            break
+        if not bool(going.all()):  # finished rows leave the decoder batch
+            keep = going.nonzero().squeeze(1)
+            cache, live, tok = decoder.reorder(cache, keep), live[keep], tok[keep]
+        logits, cache = decoder.step(tok.unsqueeze(1), cache)
+    return out
+
+
+def caption(captioner: Loaded, image: Tensor, cfg: GenerationConfig, prompt: str,
+            seeds: Sequence[int] | None = None) -> list[str]:
+    """K captions per image (image-major), prompt stripped. Nucleus needs one seed per image."""
+    model, dev = captioner.model, image.device
+    embeds = model.encode_image(image)  # (B, 1+N, Dv)
+    prompt_t = prompt_ids(captioner, prompt, image.shape[0], dev)
+    if cfg.decoding == "nucleus":
+        if seeds is None or len(seeds) != image.shape[0]:
+            raise ValueError("nucleus captions need one seed per image")
+        uniforms = row_uniforms(seeds, cfg.num_return_sequences, cfg.max_new_tokens)
+        new = sample_nucleus(model.text_decoder, prompt_t, embeds, cfg, uniforms)
+    else:
+        new = generate(model.text_decoder, prompt_t, embeds, cfg).new_tokens
+    rows = decode_batch(new.cpu(), cfg.eos_token_id, cfg.pad_token_id)
+    return [t.strip() for t in captioner.tokenizer.decode_batch(rows, skip_special_tokens=True)]
+
+
+def generation_config(captioner: Loaded, decoding: str, k: int, *, num_beams: int, top_p: float,
+                      repetition_penalty: float, max_new_tokens: int, min_new_tokens: int) -> GenerationConfig:
+    """A `GenerationConfig` with the captioner's special ids; bad settings are a CapfiltError."""
+    text = captioner.model.config.text
+    beams = max(num_beams, k) if decoding == "beam" else num_beams
+    try:
+        return GenerationConfig(decoding=decoding, num_beams=beams, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
+                                min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                                top_p=top_p, num_return_sequences=k, eos_token_id=text.sep_token_id,
+                                pad_token_id=text.pad_token_id)
+    except ValueError as exc:
+        raise CapfiltError(f"caption settings: {exc}") from None

@@ -1,0 +1,254 @@
+"""Rank 0's half of the bootstrap stage: thresholds, the bootstrapped manifest, removed texts, metrics.
+
+The scored parts of every web shard come in; the threshold is either `itm_threshold` or, with
+`threshold: calibrated`, the ITM score that keeps `calibration_keep` of held-out human pairs:
+the human manifest's `val` rows when it has some, else a fixed sample (seeded by `seed`) of
+`calibration_samples` human training pairs (the filter was fine-tuned on those, so this
+threshold is a little strict; a val split is the better choice). A web text or synthetic caption
+is kept when its p(match) clears the threshold (and its ITC cosine `itc_threshold`, when set); a
+synthetic caption that is empty or repeats a kept text of its image is removed as such. Every
+web text lands in exactly one of `manifest.parquet` (with every human training pair and the
+kept synthetic captions) or `removed.parquet` (with its score and the reason). The shards the
+manifest points into are hard-linked (copied across file systems) under `<out>/shards/human/`
+and `<out>/shards/web/`, so shard paths stay relative to the manifest's folder, as the schema
+requires. The manifest passes the pandera schema and the GX suite before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.config import BootstrapConfig, ValidationConfig
+from components.errors import CapfiltError
+from components.expectations import require, run_expectations
+from components.batch_inference import Images, autocast, score_texts
+from components.schemas import read_manifest, validate, write_manifest
+
+if TYPE_CHECKING:
+    from components.bootstrap import Models
+
+log = logging.getLogger(__name__)
+
+REMOVED_COLUMNS = ("sample_id", "image_key", "source", "caption", "shard", "member", "itm_score",
+                   "itc_score", "reason")
+REMOVAL_REASONS = ("itm_below_threshold", "itc_below_threshold", "empty_caption", "duplicate")
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Where the outputs went and the headline numbers (also in metrics.json)."""
+
+    manifest: Path
+    removed: Path
+    metrics: dict[str, Any]
+
+
+def drop_stale_parts(parts_dir: Path) -> None:
+    """Remove parts of other fingerprints (other checkpoints or caption settings)."""
+    for other in parts_dir.parent.iterdir():
+        if other.is_dir() and other.name != parts_dir.name:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def calibration_pairs(human: pd.DataFrame, cfg: BootstrapConfig) -> tuple[pd.DataFrame, str]:
+    """Held-out human pairs: the `val` rows, else a seeded sample of training pairs."""
+    val = human[human["split"] == "val"]
+    if len(val):
+        return val, "human val split"
+    train = human[human["split"] == "train"]
+    n = min(cfg.calibration_samples, len(train))
+    if n == 0:
+        raise CapfiltError(f"{cfg.human_manifest}: no human pairs to calibrate the threshold on")
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(train), size=n, replace=False))
+    return train.iloc[pick], f"sample of {n} human training pairs"
+
+
+def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapConfig) -> np.ndarray:
+    """ITM p(match) of manifest rows against their own images (batches of images)."""
+    images = Images(root)
+    scores: list[float] = []
+    try:
+        for start in range(0, len(pairs), cfg.batch_size):
+            chunk = pairs.iloc[start : start + cfg.batch_size]
+            keys = list(zip(chunk["shard"], chunk["member"]))
+            unique = list(dict.fromkeys(keys))
+            pil = images.load([s for s, _ in unique], [m for _, m in unique])
+            where = {key: i for i, key in enumerate(unique)}
+            index = torch.tensor([where[key] for key in keys], dtype=torch.long)
+            with torch.inference_mode(), autocast(models.device):
+                tensor = images.tensor(pil, models.filter.image_size, models.device)
+                itm, _ = score_texts(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text)
+            scores += itm
+    finally:
+        images.close()
+    return np.asarray(scores, dtype=np.float64)
+
+
+def keep_threshold(scores: np.ndarray, keep: float) -> float:
+    """The largest observed score t with at least `keep` of `scores` >= t."""
+    ordered = np.sort(scores)
+    index = min(len(ordered) - 1, int(np.floor((1.0 - keep) * len(ordered) + 1e-9)))
+    return float(ordered[index])
+
+
+def resolve_threshold(cfg: BootstrapConfig, human: pd.DataFrame, models: Models) -> tuple[float, dict[str, Any]]:
+    """The ITM threshold and how it was chosen."""
+    if cfg.threshold == "fixed":
+        return cfg.itm_threshold, {"mode": "fixed"}
+    pairs, source = calibration_pairs(human, cfg)
+    scores = score_pairs(pairs, Path(cfg.human_manifest).parent, models, cfg)
+    threshold = keep_threshold(scores, cfg.calibration_keep)
+    log.info("calibrated ITM threshold %.4f keeps %.1f%% of %d human pairs (%s)", threshold,
+             100 * float((scores >= threshold).mean()), len(scores), source)
+    return threshold, {"mode": "calibrated", "pairs": source, "n": int(len(scores)),
+                       "keep": cfg.calibration_keep, "human_kept": float((scores >= threshold).mean())}
+
+
+def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None) -> pd.DataFrame:
+    """`parts` plus a `reason` column: empty when kept, else one of REMOVAL_REASONS."""
+    out = parts.copy()
+    reason = np.where(out["itm_score"].to_numpy() < threshold, "itm_below_threshold", "")
+    if itc_threshold is not None:
+        reason = np.where((reason == "") & (out["itc_score"].to_numpy() < itc_threshold),
+                          "itc_below_threshold", reason)
+    synthetic = (out["kind"] == "synthetic").to_numpy()
+    blank = out["caption"].str.strip().str.len().to_numpy() == 0
+    reason = np.where(synthetic & blank, "empty_caption", reason)
+    out["reason"] = reason
+    # a synthetic caption that repeats a kept text of its image adds nothing: web rows win
+    kept = out[out["reason"] == ""]
+    norm = kept["caption"].str.strip().str.lower()
+    order = kept.assign(_n=norm, _w=(kept["kind"] == "synthetic").astype(int)).sort_values("_w", kind="stable")
+    dup = order.duplicated(subset=["image_key", "_n"]) & (order["kind"] == "synthetic")
+    out.loc[dup[dup].index, "reason"] = "duplicate"
+    return out
+
+
+def _shard_target(source: str, shard: str) -> str:
+    return f"shards/{source}/" + (shard[len("shards/"):] if shard.startswith("shards/") else shard)
+
+
+def link_shards(out: Path, sources: dict[str, tuple[Path, list[str]]]) -> None:
+    """Hard-link (or copy) every used shard under out/shards/<source>/, replacing the old folder."""
+    tmp = out / f".shards.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for source, (root, shards) in sources.items():
+            for shard in shards:
+                dest = tmp / _shard_target(source, shard)[len("shards/"):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(root / shard, dest)
+                except OSError:  # another file system, or links not allowed: copy
+                    shutil.copy2(root / shard, dest)
+        final = out / "shards"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_tables(web: pd.DataFrame, human: pd.DataFrame, decided: pd.DataFrame, provenance: dict[str, str],
+                 decoding: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(bootstrapped manifest rows, removed rows) from the decided parts."""
+    cap, filt = provenance["captioner"], provenance["filter"]
+    scored_web = decided[decided["kind"] == "web"].set_index("sample_id")
+    web_rows = web.set_index("sample_id").loc[scored_web.index].reset_index()
+    web_rows = web_rows.assign(itm_score=scored_web["itm_score"].to_numpy(), captioner=cap, filter=filt,
+                               decoding=None, _reason=scored_web["reason"].to_numpy())
+    syn = decided[decided["kind"] == "synthetic"]
+    image_info = web.drop_duplicates("image_key").set_index("image_key")
+    info = image_info.loc[syn["image_key"], ["split", "width", "height", "sha256"]].reset_index(drop=True)
+    syn_rows = pd.concat([syn[["sample_id", "image_key", "caption", "shard", "member", "itm_score"]]
+                          .reset_index(drop=True), info], axis=1)
+    syn_rows = syn_rows.assign(source="synthetic", ref="bootstrap:" + syn_rows["sample_id"], captioner=cap,
+                               filter=filt, decoding=decoding, _reason=syn["reason"].to_numpy())
+    human_rows = human[human["split"] == "train"].assign(
+        itm_score=np.nan, captioner=None, filter=None, decoding=None, _reason="")
+    human_rows["shard"] = human_rows["shard"].map(lambda s: _shard_target("human", s))
+    for frame in (web_rows, syn_rows):
+        frame["shard"] = frame["shard"].map(lambda s: _shard_target("web", s))
+    every = pd.concat([human_rows, web_rows, syn_rows], ignore_index=True)
+    manifest = every[every["_reason"] == ""].drop(columns="_reason").reset_index(drop=True)
+    removed = _removed_table(every[every["_reason"] != ""], decided)
+    return manifest, removed
+
+
+def _removed_table(rows: pd.DataFrame, decided: pd.DataFrame) -> pd.DataFrame:
+    itc = decided.set_index("sample_id")["itc_score"]
+    table = rows.assign(itc_score=itc.loc[rows["sample_id"]].to_numpy(), reason=rows["_reason"])
+    return table[list(REMOVED_COLUMNS)].reset_index(drop=True)
+
+
+def _write_atomic(path: Path, writer: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Pretty JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+
+
+def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, calibration: dict[str, Any],
+             provenance: dict[str, str], decoding: str, images_per_s: float | None) -> dict[str, Any]:
+    web = decided[decided["kind"] == "web"]
+    syn = decided[decided["kind"] == "synthetic"]
+    web_kept, syn_kept = int((web["reason"] == "").sum()), int((syn["reason"] == "").sum())
+    removed = decided[decided["reason"] != ""]
+    return {
+        "web_texts": len(web), "web_kept": web_kept, "web_kept_fraction": web_kept / max(1, len(web)),
+        "synthetic_generated": len(syn), "synthetic_kept": syn_kept,
+        "synthetic_kept_fraction": syn_kept / max(1, len(syn)),
+        "human_pairs": int((manifest["source"] == "human").sum()), "total_pairs": len(manifest),
+        "synthetic_fraction": syn_kept / max(1, len(manifest)),
+        "removed_by_reason": {str(k): int(v) for k, v in removed["reason"].value_counts().sort_index().items()},
+        "itm_threshold": threshold, "threshold": calibration,
+        "images": int(web["image_key"].nunique()), "images_per_s": images_per_s,
+        "decoding": decoding, **provenance,
+    }
+
+
+def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame, parts: pd.DataFrame,
+          models: Models, decoding: str, images_per_s: float | None) -> BootstrapResult:
+    """Threshold the parts, write manifest.parquet, removed.parquet, shards/ and metrics.json."""
+    out = Path(cfg.out)
+    scored = set(parts.loc[parts["kind"] == "web", "sample_id"])
+    if scored != set(web["sample_id"]) or parts["sample_id"].duplicated().any():
+        raise CapfiltError(f"{out / 'parts'}: the parts do not cover {cfg.web_manifest} exactly once; "
+                           "delete the parts folder and run again")
+    human = read_manifest(Path(cfg.human_manifest), "ingested")
+    threshold, calibration = resolve_threshold(cfg, human, models)
+    decided = decide(parts, threshold, cfg.itc_threshold)
+    provenance = {"captioner": models.captioner.digest, "filter": models.filter.digest}
+    manifest, removed = build_tables(web, human, decided, provenance, decoding)
+    manifest = validate(manifest, "bootstrapped", where=str(out / "manifest.parquet"))
+    report = run_expectations(manifest, "bootstrapped", validation, out / "expectations", "bootstrap")
+    require(report, str(out / "manifest.parquet"))
+    human_train = human[human["split"] == "train"]
+    link_shards(out, {"human": (Path(cfg.human_manifest).parent, sorted(human_train["shard"].unique())),
+                      "web": (Path(cfg.web_manifest).parent, sorted(web["shard"].unique()))})
+    write_manifest(manifest, out / "manifest.parquet", "bootstrapped")
+    _write_atomic(out / "removed.parquet", lambda tmp: removed.to_parquet(tmp, index=False))
+    metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s)
+    write_json(out / "metrics.json", metrics)
+    log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (threshold %.3f); %d pairs",
+             metrics["web_kept"], metrics["web_texts"], metrics["synthetic_kept"],
+             metrics["synthetic_generated"], threshold, len(manifest))
+    return BootstrapResult(out / "manifest.parquet", out / "removed.parquet", metrics)

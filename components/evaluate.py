@@ -1,0 +1,256 @@
+"""The evaluate stage: round 1 vs round 2 on the test set, and the filter against the web ground truth.
+
+Each round is a (captioner, filter) pair. Captioning: beam search as BLIP's COCO evaluation (3
+beams, "a picture of " prompt stripped, repetition penalty 1.0), scored with pycocoevalcap's
+BLEU-4 and CIDEr on a simple tokenisation (lower case, punctuation to spaces: no Java PTB
+tokenizer), plus, for the embedded corpus, the exact attribute accuracy (mean of shape, colour,
+size and position accuracy) and strict accuracy from the scene scorer. Retrieval follows BLIP's
+`evaluation`: ITC cosine ranks every pair, the top `k_test` per query are re-scored with
+`itm logit(match) + cosine` (not softmaxed), everything else stays at -100; image→text counts the
+best rank among an image's captions, text→image the rank of its image. All numbers are fractions
+in [0, 1] (CIDEr is unbounded). Filter quality reads the bootstrap outputs and `truth.csv`: the
+AUROC of web-text ITM scores for clean (`correct`) vs noisy texts, precision and recall of
+removal (noise = positive), kept fractions per noise kind, and the share of kept synthetic
+captions that are not exactly right. Outputs: metrics.json, plots, report.html (components/report.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components import report
+from components.batch_inference import (Images, Loaded, autocast, caption, device, generation_config,
+                                        load_captioner, load_filter, tokenize)
+from components.bootstrap_merge import write_json
+from components.config import EvaluateConfig
+from components.errors import CapfiltError
+from components.schemas import read_manifest
+from components.synth_score import score_captions
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+_PUNCT = re.compile(r"[^a-z0-9 ]+")
+
+
+def simple_tokens(text: str) -> str:
+    """Lower case, punctuation to spaces, single spaces (stands in for the PTB tokenizer)."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def caption_scores(captions: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
+    """BLEU-4 and CIDEr (pycocoevalcap) of one caption per image against its references."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = sorted(captions)
+    res = {k: [simple_tokens(captions[k]) or "empty"] for k in keys}
+    gts = {k: [simple_tokens(r) for r in refs[k]] for k in keys}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+def attribute_scores(captions: dict[str, str], scenes: dict[str, Any]) -> dict[str, float]:
+    """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy."""
+    s = score_captions(scenes, captions.items())
+    per = {a: getattr(s, a) for a in ("shape", "colour", "size", "position")}
+    return {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": s.strict,
+            **{f"{a}_accuracy": float(v) for a, v in per.items()}}
+
+
+def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, text_image: np.ndarray,
+                ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """BLIP's `itm_eval`: score_i2t (N_img, N_txt), score_t2i (N_txt, N_img), text_image (N_txt,)
+    the image of each text. Ties count against the query (strictly greater scores rank first)."""
+    n_img = score_i2t.shape[0]
+    i2t_rank = np.full(n_img, np.iinfo(np.int64).max)
+    for j, img in enumerate(text_image):  # best rank among an image's captions
+        rank = int((score_i2t[img] > score_i2t[img, j]).sum())
+        i2t_rank[img] = min(i2t_rank[img], rank)
+    t2i_rank = np.array([(score_t2i[j] > score_t2i[j, img]).sum() for j, img in enumerate(text_image)])
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float((i2t_rank < k).mean())
+        out[f"t2i_r{k}"] = float((t2i_rank < k).mean())
+    return out
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); NaN without both classes."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(scores).rank(method="average").to_numpy()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _topk_itm(filt: Loaded, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+              pairs_img: torch.Tensor, pairs_txt: torch.Tensor, chunk: int) -> torch.Tensor:
+    """ITM match logits of (image, text) index pairs, in chunks; each chunk's images encoded once."""
+    out = []
+    for s in range(0, len(pairs_img), chunk):
+        img, txt = pairs_img[s : s + chunk], pairs_txt[s : s + chunk]
+        uniq, inverse = img.unique(return_inverse=True)
+        logits = filt.model.itm_logits(image_embeds[uniq], ids[txt], mask[txt], inverse)  # (c, 2)
+        out.append(logits[:, 1].float())
+    return torch.cat(out)
+
+
+def retrieval(filt: Loaded, image: torch.Tensor, texts: list[str], text_image: np.ndarray,
+              cfg: EvaluateConfig) -> dict[str, float]:
+    """ITC ranking + ITM re-ranking of the top `k_test` in both directions (BLIP)."""
+    dev, model = image.device, filt.model
+    embeds = torch.cat([model.encode_image(image[s : s + cfg.batch_size])
+                        for s in range(0, len(image), cfg.batch_size)])  # (N, 1+P, Dv)
+    ids, mask = tokenize(filt.tokenizer, texts, cfg.text, dev)  # (M, T)
+    text_feat = torch.cat([model.text_features(ids[s : s + 256], mask[s : s + 256])
+                           for s in range(0, len(texts), 256)])
+    sims = (model.image_features(embeds) @ text_feat.t()).float()  # (N, M) cosine, no temperature
+    chunk = max(1, cfg.batch_size) * 16
+    k_t, k_i = min(cfg.k_test, sims.shape[1]), min(cfg.k_test, sims.shape[0])
+    score_i2t = torch.full_like(sims, -100.0)
+    top_t = sims.topk(k_t, dim=1).indices  # (N, k)
+    rows = torch.arange(sims.shape[0], device=dev).repeat_interleave(k_t)
+    itm = _topk_itm(filt, embeds, ids, mask, rows, top_t.reshape(-1), chunk)
+    score_i2t[rows, top_t.reshape(-1)] = itm + sims[rows, top_t.reshape(-1)]
+    score_t2i = torch.full_like(sims.t(), -100.0)
+    top_i = sims.t().topk(k_i, dim=1).indices  # (M, k)
+    cols = torch.arange(sims.shape[1], device=dev).repeat_interleave(k_i)
+    itm = _topk_itm(filt, embeds, ids, mask, top_i.reshape(-1), cols, chunk)
+    score_t2i[cols, top_i.reshape(-1)] = itm + sims[top_i.reshape(-1), cols]
+    return recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), text_image)
+
+
+def evaluate_round(cfg: EvaluateConfig, test: pd.DataFrame, scenes: dict[str, Any] | None,
+                   captioner_dir: str, filter_dir: str, dev: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    """One round's metrics and its caption per test image."""
+    captioner, filt = load_captioner(captioner_dir, dev), load_filter(filter_dir, dev)
+    gen = generation_config(captioner, "beam", 1, num_beams=cfg.num_beams, top_p=0.9,
+                            repetition_penalty=cfg.repetition_penalty,
+                            max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
+    firsts = test.drop_duplicates("image_key")
+    keys = firsts["image_key"].tolist()
+    images = Images(Path(cfg.test_manifest).parent)
+    try:
+        pil = images.load(firsts["shard"].tolist(), firsts["member"].tolist())
+        with torch.inference_mode(), autocast(dev):
+            captions: list[str] = []
+            for s in range(0, len(pil), cfg.batch_size):
+                tensor = images.tensor(pil[s : s + cfg.batch_size], captioner.image_size, dev)
+                captions += caption(captioner, tensor, gen, cfg.prompt)
+            image = images.tensor(pil, filt.image_size, dev)
+            index = {k: i for i, k in enumerate(keys)}
+            text_image = test["image_key"].map(index).to_numpy()
+            metrics = retrieval(filt, image, test["caption"].tolist(), text_image, cfg)
+    finally:
+        images.close()
+    by_key = dict(zip(keys, captions, strict=True))
+    refs = test.groupby("image_key", sort=False)["caption"].apply(list).to_dict()
+    metrics.update(caption_scores(by_key, refs))
+    if scenes is not None:
+        metrics.update(attribute_scores(by_key, scenes))
+    else:  # real data: no ground truth to check attributes against
+        metrics.update(attribute_accuracy=None, strict_accuracy=None)
+    return metrics, by_key
+
+
+def _truth(cfg: EvaluateConfig) -> pd.DataFrame | None:
+    if cfg.web_truth is None or not (Path(cfg.web_truth) / "truth.csv").is_file():
+        return None
+    path = Path(cfg.web_truth) / "truth.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = [(r["image_id"], r["noise"]) for r in csv.DictReader(f)]
+    return pd.DataFrame(rows, columns=["image_id", "noise"]).set_index("image_id")
+
+
+def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
+    """Every web text and synthetic caption with its score and whether the filter kept it."""
+    root = Path(cfg.bootstrap)
+    manifest = read_manifest(root / "manifest.parquet", "bootstrapped")
+    try:
+        removed = pd.read_parquet(root / "removed.parquet")
+    except (OSError, ValueError) as exc:
+        raise CapfiltError(f"{root / 'removed.parquet'}: unreadable; run the bootstrap stage ({exc})") from None
+    cols = ["sample_id", "image_key", "source", "caption", "shard", "member", "itm_score"]
+    kept = manifest.loc[manifest["source"] != "human", cols].assign(kept=True)
+    return pd.concat([kept, removed[cols].assign(kept=False)], ignore_index=True)
+
+
+def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None) -> dict[str, Any]:
+    """AUROC, removal precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
+    web = decisions[decisions["source"] == "web"].copy()
+    web["noise"] = [truth["noise"].get(Path(k).stem, "unknown") for k in web["image_key"]]
+    noisy, removed = (web["noise"] != "correct").to_numpy(), ~web["kept"].to_numpy()
+    hits = int((noisy & removed).sum())
+    out: dict[str, Any] = {
+        "auroc": auroc(web["itm_score"].to_numpy(), ~noisy),
+        "precision": hits / removed.sum() if removed.sum() else float("nan"),
+        "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
+        "kept_fraction": float(web["kept"].mean()),
+        "kept_fraction_by_kind": {k: float(g["kept"].mean()) for k, g in web.groupby("noise")},
+    }
+    syn = decisions[(decisions["source"] == "synthetic") & decisions["kept"]]
+    if web_scenes is not None and len(syn):
+        strict = score_captions(web_scenes, zip(syn["image_key"], syn["caption"])).strict
+        out["synthetic_kept_wrong_fraction"] = 1.0 - strict
+    out["synthetic_kept"] = len(syn)
+    return out
+
+
+def _bootstrap_threshold(root: Path) -> float | None:
+    try:
+        return float(json.loads((root / "metrics.json").read_text())["itm_threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, so metrics.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """`capfilt stage evaluate`: metrics.json, plots and report.html under `cfg.out`."""
+    from components.synth_score import load_scenes
+
+    torch.set_num_threads(cfg.threads or (os.cpu_count() or 1))
+    dev = device()
+    test = read_manifest(Path(cfg.test_manifest), "ingested")
+    scenes = None
+    if cfg.test_scenes is not None and (Path(cfg.test_scenes) / "scenes.jsonl").is_file():
+        scenes = load_scenes(Path(cfg.test_scenes))
+    metrics: dict[str, Any] = {}
+    captions = {}
+    for name, cap_dir, filt_dir in (("round1", cfg.round1_captioner, cfg.round1_filter),
+                                    ("round2", cfg.round2_captioner, cfg.round2_filter)):
+        metrics[name], captions[name] = evaluate_round(cfg, test, scenes, cap_dir, filt_dir, dev)
+        log.info("%s: %s", name, ", ".join(f"{k} {metrics[name][k]:.3f}" for k in HEADLINE if metrics[name].get(k) is not None))
+    metrics["gain"] = {k: None if v is None or metrics["round2"].get(k) is None else metrics["round2"][k] - v
+                       for k, v in metrics["round1"].items()}
+    decisions, truth = None, _truth(cfg)
+    if (Path(cfg.bootstrap) / "manifest.parquet").is_file():
+        decisions = web_decisions(cfg)
+        if truth is not None:
+            metrics["filter"] = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
+            metrics["filter"]["itm_threshold"] = _bootstrap_threshold(Path(cfg.bootstrap))
+    out = Path(cfg.out)
+    write_json(out / "metrics.json", _finite(metrics))
+    report.write_outputs(out, metrics, decisions, truth, Path(cfg.bootstrap), cfg.grid_images, captions)
+    return metrics

@@ -1,0 +1,206 @@
+"""The evaluate stage's human-facing outputs: CSVs for DVC plots, matplotlib PNGs, report.html.
+
+`plots/rounds.csv` (+ `rounds.png`) holds the headline metrics of both rounds; `plots/itm_hist.csv`
+(+ `itm_hist.png`) the histogram of web-text ITM scores for clean and noisy texts (when the web
+ground truth is known). `report.html` is one self-contained page: inline CSS, every image a
+base64 PNG, no script or external resource. It shows the headline table, the filter's quality,
+both plots, and a grid of web images with their web text (struck through when the filter removed
+it), their synthetic caption(s), scores and, when known, the noise kind.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from components.shards import ShardReader
+
+HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+BINS = 20
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+.plots img{max-width:48%;margin-right:1%}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px}.card img{width:128px;height:128px;image-rendering:pixelated;display:block;margin:auto}
+.removed{text-decoration:line-through;color:#a33}.kept{color:#262}.kind{font-size:11px;color:#666;text-transform:uppercase}
+.pos{color:#262}.neg{color:#a33}"""
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def rounds_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """metric, round1, round2, gain for the headline metrics present."""
+    rows = [(k, metrics["round1"][k], metrics["round2"][k], metrics["gain"][k])
+            for k in HEADLINE if metrics["round1"].get(k) is not None and metrics["round2"].get(k) is not None]
+    return pd.DataFrame(rows, columns=["metric", "round1", "round2", "gain"])
+
+
+def itm_histogram(web: pd.DataFrame) -> pd.DataFrame:
+    """Counts of web-text ITM scores per bin, clean (`correct`) vs noisy."""
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    clean = web["noise"] == "correct"
+    table = pd.DataFrame({"bin": np.round((edges[:-1] + edges[1:]) / 2, 3)})
+    table["clean"] = np.histogram(web.loc[clean, "itm_score"], edges)[0]
+    table["noisy"] = np.histogram(web.loc[~clean, "itm_score"], edges)[0]
+    return table
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_rounds(table: pd.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["round1"], 0.4, label="round 1 (noisy web)")
+    ax.bar(x + 0.2, table["round2"], 0.4, label="round 2 (bootstrapped)")
+    ax.set_xticks(x, table["metric"], rotation=30, ha="right")
+    ax.set_title("test set: round 1 vs round 2")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_histogram(hist: pd.DataFrame, threshold: float | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 1.0 / BINS
+    ax.bar(hist["bin"], hist["clean"], width, alpha=0.6, label="clean web texts")
+    ax.bar(hist["bin"], hist["noisy"], width, alpha=0.6, label="noisy web texts")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")
+    ax.set_xlabel("ITM p(match)")
+    ax.set_ylabel("texts")
+    ax.set_title("filter scores of web texts")
+    ax.legend()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def pick_grid(web: pd.DataFrame, n: int) -> list[str]:
+    """Up to n image keys, round-robin over noise kinds (deterministic)."""
+    groups = [g["image_key"].drop_duplicates().tolist() for _, g in web.groupby("noise", sort=True)]
+    keys: list[str] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        keys += [g[i] for g in groups if i < len(g)]
+    return keys[:n]
+
+
+def _thumb(reader: ShardReader, shard: str, member: str) -> str:
+    try:
+        data = reader.read(shard, member)
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+    except (OSError, KeyError):
+        return ""
+    buf = io.BytesIO()
+    im.resize((128, 128), Image.NEAREST).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _line(row: Any, label: str) -> str:
+    cls = "kept" if row.kept else "removed"
+    return (f'<div><b>{label}</b> <span class="{cls}">{html.escape(str(row.caption))}</span> '
+            f"({row.itm_score:.2f})</div>")
+
+
+def grid_html(decisions: pd.DataFrame, keys: list[str], root: Path) -> str:
+    cards = []
+    with ShardReader(root) as reader:
+        for key in keys:
+            first = decisions[decisions["image_key"] == key].iloc[0]
+            thumb = _thumb(reader, first["shard"], first["member"])
+            # synthetic captions belong to the stored image, which identical web images share
+            same = decisions[(decisions["shard"] == first["shard"]) & (decisions["member"] == first["member"])]
+            lines = [_line(r, "web") for r in same[(same["source"] == "web") & (same["image_key"] == key)].itertuples()]
+            lines += [_line(r, "synthetic") for r in same[same["source"] == "synthetic"].itertuples()]
+            kind = html.escape(str(first.get("noise", "")))
+            cards.append(f'<div class="card"><img alt="{html.escape(key)}" src="data:image/png;base64,{thumb}">'
+                         f'<div class="kind">{kind}</div>{"".join(lines)}</div>')
+    return '<div class="grid">' + "".join(cards) + "</div>"
+
+
+def _table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
+    rows = [(k, f[k]) for k in ("auroc", "precision", "recall", "kept_fraction",
+                                "synthetic_kept_wrong_fraction", "synthetic_kept") if k in f]
+    rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
+    return pd.DataFrame(rows, columns=["filter", "value"])
+
+
+def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>capfilt evaluation</title>",
+             f"<style>{_CSS}</style></head><body><h1>capfilt: round 1 vs round 2</h1>",
+             _table(rounds_table(metrics))]
+    if "filter" in metrics:
+        parts += ["<h2>Filter vs web ground truth</h2>", _table(_filter_table(metrics["filter"]))]
+    imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+                   for n, b in pngs.items())
+    parts += [f'<div class="plots">{imgs}</div>']
+    if grid:
+        parts += ["<h2>Web images: web text (struck through when removed), synthetic caption, "
+                  "ITM score</h2>", grid]
+    return "".join(parts) + "</body></html>\n"
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | None, truth: pd.DataFrame | None,
+                  bootstrap_root: Path, grid_images: int, captions: dict[str, dict[str, str]]) -> None:
+    """plots/*.csv, plots/*.png and report.html under `out`."""
+    table = rounds_table(metrics)
+    _atomic(out / "plots" / "rounds.csv", table.to_csv(index=False).encode())
+    pngs = {"rounds": plot_rounds(table)}
+    grid = ""
+    if decisions is not None:
+        noise = truth["noise"] if truth is not None else pd.Series(dtype=str)
+        decisions = decisions.assign(noise=[noise.get(Path(k).stem, "unknown") for k in decisions["image_key"]])
+        web = decisions[decisions["source"] == "web"]
+        if truth is not None:
+            hist = itm_histogram(web)
+            _atomic(out / "plots" / "itm_hist.csv", hist.to_csv(index=False).encode())
+            pngs["itm_hist"] = plot_histogram(hist, metrics.get("filter", {}).get("itm_threshold"))
+        grid = grid_html(decisions, pick_grid(web, grid_images), bootstrap_root)
+    for name, data in pngs.items():
+        _atomic(out / "plots" / f"{name}.png", data)
+    _atomic(out / "report.html", render_html(metrics, pngs, grid).encode())

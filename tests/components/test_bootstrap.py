@@ -1,0 +1,231 @@
+"""The bootstrap stage on tiny random-weight models: conservation, resume, ranks, thresholds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from components import bootstrap, bootstrap_merge
+from components.batch_inference import Images, caption, checkpoint_hash, image_seed
+from components.distributed import RankInfo
+from components.errors import CapfiltError
+from components.schemas import read_manifest
+from components.shards import ShardReader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from capfilt_fixtures import SPLIT, boot_cfg, lenient_validation, make_world  # noqa: E402
+
+ONE = RankInfo(rank=0, world_size=1, local_rank=0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_world(tmp_path_factory.mktemp("world"), n_web=10, web_shard=3)
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """One uninterrupted single-rank run (SPLIT keeps some of everything)."""
+    out = tmp_path_factory.mktemp("reference")
+    cfg = boot_cfg(world, out, itm_threshold=SPLIT)
+    result = bootstrap.run(cfg, lenient_validation(), ONE)
+    return cfg, result
+
+
+def _tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    manifest = read_manifest(out / "manifest.parquet", "bootstrapped")
+    return manifest, pd.read_parquet(out / "removed.parquet")
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values("sample_id").reset_index(drop=True)
+
+
+def test_every_web_text_lands_in_exactly_one_output(world, reference):
+    cfg, result = reference
+    manifest, removed = _tables(Path(cfg.out))
+    web_ids = set(read_manifest(world.web, "ingested")["sample_id"])
+    kept = set(manifest.loc[manifest["source"] == "web", "sample_id"])
+    dropped = set(removed.loc[removed["source"] == "web", "sample_id"])
+    assert kept | dropped == web_ids and not kept & dropped
+    assert 0 < len(kept) < len(web_ids)  # SPLIT falls inside the random scores
+    human = read_manifest(world.human, "ingested")
+    assert set(manifest.loc[manifest["source"] == "human", "sample_id"]) == set(human["sample_id"])
+    n_syn = (manifest["source"] == "synthetic").sum() + (removed["source"] == "synthetic").sum()
+    assert n_syn == 10  # one caption per web image
+    assert result.metrics["web_kept"] == len(kept) and result.metrics["web_texts"] == 10
+
+
+def test_rows_resolve_and_carry_provenance(world, reference):
+    cfg, _ = reference
+    manifest, removed = _tables(Path(cfg.out))
+    with ShardReader(Path(cfg.out)) as reader:
+        for row in pd.concat([manifest, removed]).itertuples():
+            assert reader.read(row.shard, row.member)[:4] == b"\x89PNG"
+    scored = manifest[manifest["source"] != "human"]
+    assert set(scored["captioner"]) == {checkpoint_hash(world.captioner)}
+    assert set(scored["filter"]) == {checkpoint_hash(world.filter)}
+    assert (scored["itm_score"] >= SPLIT).all()
+    assert (removed["itm_score"] < SPLIT).all()
+    assert manifest.loc[manifest["source"] == "synthetic", "decoding"].str.startswith("nucleus(").all()
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(world, reference, tmp_path, monkeypatch):
+    cfg, _ = reference
+    crash_cfg = boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT)
+    real, calls = bootstrap.process_shard, []
+
+    def crash_after_two(shard, *args, **kwargs):
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        calls.append(shard)
+        return real(shard, *args, **kwargs)
+
+    monkeypatch.setattr(bootstrap, "process_shard", crash_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        bootstrap.run(crash_cfg, lenient_validation(), ONE)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+    assert len(list((tmp_path / "out" / "parts").glob("*/*.parquet"))) == 2
+    calls.clear()
+    monkeypatch.setattr(bootstrap, "process_shard", lambda shard, *a, **k: calls.append(shard) or real(shard, *a, **k))
+    bootstrap.run(crash_cfg, lenient_validation(), ONE)
+    assert len(calls) == 2  # 4 shards, 2 already scored
+    for got, want in zip(_tables(tmp_path / "out"), _tables(Path(cfg.out)), strict=True):
+        pd.testing.assert_frame_equal(got, want)
+
+
+def test_two_ranks_give_the_one_rank_output(world, reference, tmp_path):
+    cfg, _ = reference
+    two = boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT)
+    assert bootstrap.run(two, lenient_validation(), RankInfo(1, 2, 1)) is None
+    parts = sorted(p.name for p in (tmp_path / "out" / "parts").glob("*/*.parquet"))
+    assert parts == ["shards__000001.tar.parquet", "shards__000003.tar.parquet"]
+    assert bootstrap.run(two, lenient_validation(), RankInfo(0, 2, 0)) is not None
+    for got, want in zip(_tables(tmp_path / "out"), _tables(Path(cfg.out)), strict=True):
+        pd.testing.assert_frame_equal(_sorted(got), _sorted(want))
+
+
+def test_rank_zero_names_missing_parts(world, tmp_path):
+    cfg = boot_cfg(world, tmp_path / "out", merge_timeout_s=1)
+    with pytest.raises(CapfiltError, match="shard parts still missing"):
+        bootstrap.run(cfg, lenient_validation(), RankInfo(0, 2, 0))
+
+
+def test_nucleus_captions_do_not_depend_on_the_batch(world, tmp_path):
+    cfg = boot_cfg(world, tmp_path / "out", captions_per_image=2)
+    models = bootstrap.load_models(cfg)
+    web = read_manifest(world.web, "ingested")
+    rows = web[web["shard"] == "shards/000000.tar"]
+    images = Images(world.web.parent)
+    pil = images.load(rows["shard"].tolist(), rows["member"].tolist())
+    seeds = [image_seed(0, "shards/000000.tar", m) for m in rows["member"]]
+    tensor = images.tensor(pil, models.captioner.image_size, models.device)
+    together = caption(models.captioner, tensor, models.generation, "a picture of ", seeds)
+    alone = [c for i in range(len(pil))
+             for c in caption(models.captioner, tensor[i : i + 1], models.generation, "a picture of ", seeds[i : i + 1])]
+    images.close()
+    assert together == alone and len(together) == 2 * len(pil)
+    other = [image_seed(1, "shards/000000.tar", m) for m in rows["member"]]
+    assert caption(models.captioner, tensor, models.generation, "a picture of ", other) != together
+
+
+def test_decide_threshold_semantics():
+    parts = pd.DataFrame({
+        "kind": ["web", "web", "synthetic", "synthetic", "synthetic", "web"],
+        "sample_id": ["a#0", "b#0", "a#syn0", "a#syn1", "b#syn0", "c#0"],
+        "image_key": ["a", "b", "a", "a", "b", "c"],
+        "caption": ["a red ring", "junk", "A red ring ", "a blue bar", " ", "x y"],
+        "itm_score": [0.5, 0.49, 0.9, 0.8, 0.9, 0.7],
+        "itc_score": [0.1, 0.1, 0.1, 0.1, 0.1, -0.2],
+    })
+    got = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=None)
+    assert got["reason"].tolist() == ["", "itm_below_threshold", "duplicate", "", "empty_caption", ""]
+    got = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=0.0)
+    assert got["reason"].tolist()[5] == "itc_below_threshold"
+
+
+def test_keep_threshold_keeps_the_asked_fraction():
+    scores = np.random.default_rng(0).random(200)
+    for keep in (0.5, 0.9, 0.95, 1.0):
+        t = bootstrap_merge.keep_threshold(scores, keep)
+        assert (scores >= t).mean() >= keep
+        assert (scores > t).mean() < keep  # the largest such threshold
+    assert bootstrap_merge.keep_threshold(np.arange(100) / 100, 0.95) == 0.05
+
+
+def test_calibrated_threshold_keeps_the_human_pairs(world, tmp_path):
+    cfg = boot_cfg(world, tmp_path / "out", threshold="calibrated", calibration_keep=0.75, calibration_samples=8)
+    models = bootstrap.load_models(cfg)
+    human = read_manifest(world.human, "ingested")
+    threshold, info = bootstrap_merge.resolve_threshold(cfg, human, models)
+    pairs, source = bootstrap_merge.calibration_pairs(human, cfg)
+    scores = bootstrap_merge.score_pairs(pairs, world.human.parent, models, cfg)
+    assert info["mode"] == "calibrated" and info["n"] == 8 and "training pairs" in source
+    assert (scores >= threshold).mean() >= 0.75 and info["human_kept"] >= 0.75
+    val = human.assign(split=["val"] * 4 + ["train"] * (len(human) - 4))
+    assert len(bootstrap_merge.calibration_pairs(val, cfg)[0]) == 4  # a val split wins
+
+
+def test_bad_checkpoints_are_named(world, tmp_path):
+    with pytest.raises(CapfiltError, match="nowhere"):
+        bootstrap.load_models(boot_cfg(world, tmp_path, captioner=str(tmp_path / "nowhere")))
+    with pytest.raises(CapfiltError, match="BlipCaptioner"):
+        bootstrap.load_models(boot_cfg(world, tmp_path, filter=str(world.captioner)))
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_restart_gives_the_same_manifest(world, reference, tmp_path):
+    cfg, _ = reference
+    params = {"bootstrap": boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT, batch_size=1).model_dump(),
+              "validation": lenient_validation().model_dump()}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [str(Path(sys.executable).parent / "capfilt"), "stage", "bootstrap", "--params", str(tmp_path / "params.yaml")]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((tmp_path / "out" / "parts").glob("*/*.parquet")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for got, want in zip(_tables(tmp_path / "out"), _tables(Path(cfg.out)), strict=True):
+        pd.testing.assert_frame_equal(got, want)
+
+
+def test_dvc_stages_match_params_and_the_stage_table():
+    from components.config import load_params
+    from components.stages import RANKED_STAGES, STAGES
+
+    root = Path(__file__).resolve().parents[2]
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    p = load_params(root / "params.yaml")
+    for name in ("bootstrap", "evaluate"):
+        assert dvc[name]["cmd"] == f"capfilt stage {name}" and name in STAGES
+    assert "bootstrap" in RANKED_STAGES
+    boot, ev = dvc["bootstrap"], dvc["evaluate"]
+    assert {p.bootstrap.captioner, p.bootstrap.filter} <= set(boot["deps"])
+    assert str(Path(p.bootstrap.web_manifest).parent) in boot["deps"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in boot["outs"]]
+    assert all(o.startswith(p.bootstrap.out + "/") for o in outs)
+    assert {p.evaluate.round1_captioner, p.evaluate.round1_filter, p.evaluate.round2_captioner,
+            p.evaluate.round2_filter, f"{p.evaluate.bootstrap}/manifest.parquet"} <= set(ev["deps"])
+    assert next(iter(ev["metrics"][0])) == f"{p.evaluate.out}/metrics.json"
+    assert p.bootstrap.captioner == f"{p.finetune.round1_out}/captioner/model"
+    assert p.evaluate.round2_filter == f"{p.finetune.round2_out}/filter/model"
+    assert p.retrain.manifests == [f"{p.bootstrap.out}/manifest.parquet"]

@@ -1,0 +1,157 @@
+"""The evaluate stage: metrics on hand-made cases, and the whole stage on tiny random models."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components import bootstrap, evaluate
+from components.batch_inference import Images, device, load_filter
+from components.config import EvaluateConfig, SynthConfig
+from components.distributed import RankInfo
+from components.schemas import read_manifest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from capfilt_fixtures import SPLIT, boot_cfg, lenient_validation, make_world, write_truth  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synth_test(tmp_path_factory):
+    """A tiny embedded corpus: its test references and scenes."""
+    from components import synth
+    from components.synth_score import load_scenes
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synth.run(SynthConfig(n_human=2, n_web=4, n_test=12), out)
+    rows = json.loads((out / "test" / "test.json").read_text())
+    refs = {r["image"]: r["caption"] for r in rows}
+    return refs, load_scenes(out / "test")
+
+
+def test_perfect_captions_score_full_attribute_accuracy_and_high_cider(synth_test):
+    refs, scenes = synth_test
+    perfect = {k: r[0] for k, r in refs.items()}
+    keys = list(refs)
+    shuffled = {k: refs[keys[(i + 1) % len(keys)]][0] for i, k in enumerate(keys)}
+    good = {**evaluate.caption_scores(perfect, refs), **evaluate.attribute_scores(perfect, scenes)}
+    bad = {**evaluate.caption_scores(shuffled, refs), **evaluate.attribute_scores(shuffled, scenes)}
+    assert good["attribute_accuracy"] == 1.0 and good["strict_accuracy"] == 1.0
+    assert good["bleu4"] > 0.9 and good["cider"] > 2.0
+    assert bad["strict_accuracy"] < 0.5 and bad["cider"] < good["cider"] / 3
+
+
+def test_simple_tokens_stand_in_for_ptb():
+    assert evaluate.simple_tokens("A Red-ring, at the TOP.") == "a red ring at the top"
+
+
+def test_perfect_similarity_gives_recall_one():
+    text_image = np.repeat(np.arange(5), 2)  # two captions per image
+    sim = (np.arange(5)[:, None] == text_image[None, :]).astype(float)  # (5, 10)
+    r = evaluate.recall_at_k(sim, sim.T, text_image)
+    assert r["i2t_r1"] == r["t2i_r1"] == 1.0
+
+
+def test_recall_counts_best_caption_and_ties_against_the_query():
+    text_image = np.array([0, 0, 1])
+    i2t = np.array([[0.1, 0.9, 0.5], [0.5, 0.5, 0.5]])  # image 1 ties all: rank 0 only if strictly
+    t2i = np.array([[0.2, 0.1], [0.0, 0.3], [0.9, 0.1]])
+    r = evaluate.recall_at_k(i2t, t2i, text_image, ks=(1, 2))
+    assert r["i2t_r1"] == 1.0  # image 0's second caption is top; image 1 has no higher score
+    assert r["t2i_r1"] == pytest.approx(1 / 3) and r["t2i_r2"] == 1.0
+
+
+def test_random_scores_give_chance_recall():
+    rng = np.random.default_rng(0)
+    n = 400
+    text_image = np.arange(n)
+    r = evaluate.recall_at_k(rng.random((n, n)), rng.random((n, n)), text_image, ks=(1, 10))
+    assert r["t2i_r1"] < 0.02 and r["i2t_r1"] < 0.02
+    assert 0.01 < r["t2i_r10"] < 0.05
+
+
+def test_auroc_on_hand_made_scores():
+    assert evaluate.auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0], bool)) == 1.0
+    assert evaluate.auroc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([1, 1, 0, 0], bool)) == 0.0
+    assert evaluate.auroc(np.array([0.5, 0.5, 0.5]), np.array([1, 0, 0], bool)) == 0.5
+    assert evaluate.auroc(np.array([0.9, 0.4, 0.5, 0.1]), np.array([1, 1, 0, 0], bool)) == 0.75
+    rng = np.random.default_rng(1)
+    s, y = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.4
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a, b in itertools.product(s[y], s[~y])])
+    assert evaluate.auroc(s, y) == pytest.approx(brute)
+    assert np.isnan(evaluate.auroc(np.array([0.3]), np.array([True])))
+
+
+def test_filter_quality_on_hand_made_decisions():
+    truth = pd.DataFrame({"noise": ["correct", "correct", "junk", "other_image"]},
+                         index=["w0", "w1", "w2", "w3"])
+    decisions = pd.DataFrame({
+        "image_key": [f"images/w{i}.png" for i in range(4)], "source": "web",
+        "caption": "x", "itm_score": [0.9, 0.3, 0.2, 0.6], "kept": [True, False, False, True]})
+    f = evaluate.filter_quality(decisions, truth, None)
+    assert f["auroc"] == 0.75  # clean (0.9, 0.3) vs noisy (0.2, 0.6): 3 of 4 pairs ordered
+    assert f["precision"] == 0.5 and f["recall"] == 0.5
+    assert f["kept_fraction_by_kind"] == {"correct": 0.5, "junk": 0.0, "other_image": 1.0}
+
+
+def test_shuffled_captions_give_chance_recall_with_a_random_model(tmp_path):
+    torch.set_num_threads(1)
+    world = make_world(tmp_path)
+    test = read_manifest(world.test, "ingested")
+    cfg = EvaluateConfig(test_manifest=str(world.test), k_test=4, batch_size=4)
+    filt = load_filter(world.filter, device())
+    images = Images(world.test.parent)
+    firsts = test.drop_duplicates("image_key")
+    tensor = images.tensor(images.load(firsts["shard"].tolist(), firsts["member"].tolist()), filt.image_size, device())
+    images.close()
+    texts = test["caption"].tolist()
+    shuffled = np.random.default_rng(0).permutation(len(texts))
+    text_image = test["image_key"].map({k: i for i, k in enumerate(firsts["image_key"])}).to_numpy()
+    with torch.inference_mode():
+        r = evaluate.retrieval(filt, tensor, [texts[i] for i in shuffled], text_image, cfg)
+    assert r["t2i_r1"] <= 0.5 and r["i2t_r1"] <= 0.5  # chance: 1/8 and ~1/4 on 8 images
+    assert r["t2i_r10"] == 1.0  # k >= images: everything is ranked
+
+
+@pytest.mark.slow
+def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
+    torch.set_num_threads(1)
+    world = make_world(tmp_path, n_web=12)
+    bootstrap.run(boot_cfg(world, tmp_path / "boot", itm_threshold=SPLIT), lenient_validation(),
+                  RankInfo(0, 1, 0))
+    write_truth(tmp_path / "web", 12)
+    cfg = EvaluateConfig(test_manifest=str(world.test), round1_captioner=str(world.captioner),
+                         round1_filter=str(world.filter), round2_captioner=str(world.captioner),
+                         round2_filter=str(world.filter), bootstrap=str(tmp_path / "boot"),
+                         web_manifest=str(world.web), test_scenes=str(tmp_path / "none"),
+                         web_truth=str(tmp_path / "web"), out=str(tmp_path / "eval"), k_test=4,
+                         grid_images=5, threads=1)
+    evaluate.run(cfg)
+    out = tmp_path / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in evaluate.HEADLINE:
+        assert key in metrics["round1"] and key in metrics["round2"] and key in metrics["gain"]
+    assert metrics["round1"]["attribute_accuracy"] is None  # no scenes: skipped, not failed
+    assert metrics["gain"]["i2t_r1"] == 0.0  # the same models twice
+    f = metrics["filter"]
+    assert set(f["kept_fraction_by_kind"]) == {"correct", "junk", "other_image", "wrong_attribute"}
+    assert 0.0 <= f["auroc"] <= 1.0 and f["itm_threshold"] == SPLIT
+    for name in ("rounds", "itm_hist"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert len(pd.read_csv(out / "plots" / f"{name}.csv")) > 0
+    page = (out / "report.html").read_text()
+    assert page.count('class="card"') == 5 and "http" not in page and "<script" not in page
+    assert page.count("data:image/png;base64,") == 2 + 5
+    decisions = evaluate.web_decisions(cfg)
+    assert page.count('class="removed"') + page.count('class="kept"') >= 5  # a web line per card at least
+    removed_web = decisions.loc[(decisions["source"] == "web") & ~decisions["kept"], "caption"]
+    for text in removed_web:
+        if text in page:  # every removed web text on the page is struck through
+            assert f'<span class="removed">{text}</span>' in page
+    assert 'class="removed"' in page and 'class="kept"' in page  # SPLIT keeps some, removes some

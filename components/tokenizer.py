@@ -30,30 +30,43 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
-    """Train a WordPiece `tokenizers.Tokenizer` on captions (seen through `pre_caption`)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
+    """A WordPiece `tokenizers.Tokenizer` whose vocabulary is learned from captions (seen through
+    `pre_caption`), deterministically.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        show_progress=False,
-    )
-    texts = (pre_caption(c, cfg.max_words) for c in captions)
-    tok.train_from_iterator(texts, trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    The vocabulary is: the special tokens, every character seen (alone and as a `##` continuation,
+    so any seen text encodes without `[UNK]`), then whole words by descending frequency, ties
+    broken alphabetically, up to `vocab_size`. `tokenizers`' own WordPieceTrainer breaks ties in
+    hash order, which gave a different vocabulary on every run and so a different model for the
+    same data; a pipeline whose outputs are versioned cannot have that.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for caption in captions:
+        text = normalizer.normalize_str(pre_caption(caption, cfg.max_words))
+        words.update(w for w, _ in splitter.pre_tokenize_str(text))
+    chars = sorted({ch for w in words for ch in w})
+    vocab: dict[str, int] = {}
+    for token in [*SPECIAL_TOKENS, *chars, *(f"##{ch}" for ch in chars)]:
+        vocab.setdefault(token, len(vocab))
+    ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
+    for word, count in ranked:
+        if len(vocab) >= cfg.vocab_size or count < cfg.min_frequency:
+            break
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )  # fmt: skip
     tok.decoder = decoders.WordPiece(prefix="##")
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(token) != i:
-            raise CapfiltError(f"tokenizer: special token {token} did not get id {i}")
     return tok
 
 

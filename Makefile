@@ -14,6 +14,8 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed's JIT-built ops live in the virtualenv, pre-built by `make setup` (see below).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup data run test test-fast bench clean
 
@@ -24,6 +26,7 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "from components.distributed import prebuild_ops; prebuild_ops()"
 	touch $(STAMP)
 
 # The embedded corpus, drawn from its seed when missing (pinned by data.dvc).
@@ -41,6 +44,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py --quick
+	$(BIN)/python -m benchmarks.train_step --quick
 
 clean:
 	rm -rf outputs .pytest_cache

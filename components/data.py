@@ -1,0 +1,211 @@
+"""Training data: validated manifests → images from their tar shards → typed `Batch`es, per rank.
+
+`load_pairs` reads one or more manifests through the schemas (ingested or bootstrapped, decided
+by their columns), keeps the `split: train` rows, and gives every image a dense integer id (the
+positive groups of the filter). `ManifestBatches` is the loop's batch source: for epoch `e` it
+orders the rows deterministically from `seed + e` the way a streaming reader would (shards in a
+shuffled order, then rows shuffled within a window of `shuffle_buffer`), cuts global batches of
+`micro_batch × world_size` rows (the last partial one is dropped), and hands rank `r` its slice
+of each; data-loader workers take whole batches round-robin, so the order does not depend on the
+number of workers and a resumed run skips batches without decoding them. Images are decoded in
+the workers and transformed with BLIP's train transform (random resized crop, flip, RandAugment)
+or the eval transform (resize + CLIP normalisation), each sample seeded from its position;
+captions pass through `pre_caption` and the WordPiece tokenizer in the collate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from components.config import AugmentConfig, TextInput
+from components.errors import CapfiltError
+from components.schemas import read_manifest
+from components.shards import ShardReader
+from components.text import pre_caption
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch. Captions are `[CLS] (prompt) words [SEP] [PAD]...`."""
+
+    image: torch.Tensor  # (B, 3, H, W) float, normalised
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long, 1 = token
+    image_ids: torch.Tensor  # (B,) long, dense per image (captions of one image share it)
+    prompt_length: int = 0  # [CLS] + prompt tokens, not predicted by the captioner's LM loss
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """On `device`; the image also in `dtype` when given (bf16/fp16 training)."""
+        image = self.image.to(device) if dtype is None else self.image.to(device, dtype)
+        return replace(self, image=image, input_ids=self.input_ids.to(device),
+                       attention_mask=self.attention_mask.to(device), image_ids=self.image_ids.to(device))
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The training rows of some manifests, in storage order."""
+
+    roots: list[Path]  # each manifest's folder (shard paths are relative to it)
+    root_index: np.ndarray  # (N,) which root a row's shard lives under
+    shard: list[str]  # (N,)
+    member: list[str]  # (N,)
+    caption: list[str]  # (N,)
+    image_id: np.ndarray  # (N,) dense ids over (manifest, image_key)
+
+    def __len__(self) -> int:
+        return len(self.caption)
+
+
+def manifest_kind(path: Path) -> str:
+    """`bootstrapped` when the file has the bootstrap columns, else `ingested`."""
+    if not path.is_file():
+        raise CapfiltError(f"{path}: manifest not found")
+    try:
+        names = set(pq.read_schema(path).names)
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise CapfiltError(f"{path}: not a readable parquet file: {exc}") from None
+    return "bootstrapped" if "itm_score" in names else "ingested"
+
+
+def load_pairs(paths: Sequence[str | Path], split: str = "train") -> Pairs:
+    """Validated rows of `split` from every manifest, concatenated."""
+    frames, roots = [], []
+    for i, raw in enumerate(paths):
+        path = Path(raw)
+        df = read_manifest(path, manifest_kind(path))  # type: ignore[arg-type]
+        df = df[df["split"] == split]
+        frames.append(df.assign(_root=i, _group=f"{i}:" + df["image_key"].astype(str)))
+        roots.append(path.parent)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if table.empty:
+        raise CapfiltError(f"no {split!r} rows in {', '.join(str(p) for p in paths)}")
+    table = table.sort_values(["_root", "shard", "member"], kind="stable").reset_index(drop=True)
+    codes, _ = pd.factorize(table["_group"], sort=False)
+    return Pairs(roots=roots, root_index=table["_root"].to_numpy(), shard=table["shard"].tolist(),
+                 member=table["member"].tolist(), caption=table["caption"].tolist(),
+                 image_id=np.asarray(codes, dtype=np.int64))
+
+
+def epoch_order(pairs: Pairs, seed: int, epoch: int, window: int) -> np.ndarray:
+    """Row indices of one epoch: shards in a seeded order, rows shuffled within `window`."""
+    rng = np.random.default_rng([seed, epoch])
+    keys = [f"{r}/{s}" for r, s in zip(pairs.root_index, pairs.shard)]
+    shards = sorted(set(keys))
+    perm = rng.permutation(len(shards))
+    position = {k: int(perm[i]) for i, k in enumerate(shards)}
+    shard_pos = np.array([position[k] for k in keys], dtype=np.int64)
+    order = np.lexsort((np.arange(len(keys)), shard_pos))  # shards shuffled, rows kept in order
+    for start in range(0, len(order), window):
+        block = order[start : start + window]
+        order[start : start + window] = block[rng.permutation(len(block))]
+    return order
+
+
+def build_transform(image_size: int, augment: AugmentConfig):
+    """BLIP's train transform when `augment.enabled`, else its eval transform (squash-resize)."""
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    tail = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    if not augment.enabled:
+        return T.Compose([T.Resize((image_size, image_size), interpolation=bicubic), *tail])
+    steps = [T.RandomResizedCrop(image_size, scale=(augment.min_scale, 1.0), interpolation=bicubic)]
+    if augment.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if augment.randaugment:
+        steps.append(T.RandAugment(num_ops=2, magnitude=5))
+    return T.Compose(steps + tail)
+
+
+def _sample_seed(seed: int, epoch: int, row: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class ManifestBatches(IterableDataset):
+    """This rank's micro-batches; also the loop's `BatchSource` (`batches(epoch, skip)`)."""
+
+    def __init__(self, pairs: Pairs, tokenizer: object, text: TextInput, augment: AugmentConfig,
+                 image_size: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
+                 prompt: str = "") -> None:
+        super().__init__()
+        self.pairs, self.tokenizer, self.text, self.prompt = pairs, tokenizer, text, prompt
+        self.transform = build_transform(image_size, augment)
+        self.augment = augment.enabled
+        self.micro, self.rank, self.world = micro_batch, rank, world_size
+        self.seed, self.window, self.num_workers = seed, shuffle_buffer, num_workers
+        self.epoch, self.skip = 0, 0
+        self.prompt_length = len(tokenizer.encode(prompt).ids) - 1 if prompt else 0  # [CLS] + prompt
+        if len(pairs) < micro_batch * world_size:
+            raise CapfiltError(f"{len(pairs)} training pairs are fewer than one global batch "
+                               f"({micro_batch} × {world_size} ranks); lower train.micro_batch")
+
+    def batches_per_epoch(self) -> int:
+        return len(self.pairs) // (self.micro * self.world)
+
+    def _rows(self, epoch: int, batch: int, order: np.ndarray) -> np.ndarray:
+        start = batch * self.micro * self.world + self.rank * self.micro
+        return order[start : start + self.micro]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = epoch_order(self.pairs, self.seed, self.epoch, self.window)
+        reader = ShardReader(Path("."), max_open=64)  # re-indexing a tar costs ms
+        try:
+            for b in range(self.skip, self.batches_per_epoch()):
+                if (b - self.skip) % workers == worker:
+                    yield self._collate(self._rows(self.epoch, b, order), reader)
+        finally:
+            reader.close()
+
+    def _image(self, row: int, reader: ShardReader) -> torch.Tensor:
+        p = self.pairs
+        root = p.roots[p.root_index[row]]
+        try:
+            data = reader.read(str(root / p.shard[row]), p.member[row])
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except (OSError, KeyError) as exc:
+            raise CapfiltError(f"{root / p.shard[row]}: cannot read image {p.member[row]!r}: {exc}") from None
+        if not self.augment:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):  # per-sample seed: same crops after a resume
+            torch.manual_seed(_sample_seed(self.seed, self.epoch, int(row)))
+            return self.transform(image)
+
+    def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
+        images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)
+        texts = [self.prompt + pre_caption(self.pairs.caption[int(r)], self.text.max_words) for r in rows]
+        encoded = self.tokenizer.encode_batch(texts)
+        length = min(self.text.max_tokens, max(len(e.ids) for e in encoded))
+        ids = torch.zeros(len(rows), length, dtype=torch.long)  # [PAD] = 0
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            tokens = e.ids if len(e.ids) <= length else e.ids[: length - 1] + [e.ids[-1]]  # keep [SEP]
+            ids[i, : len(tokens)] = torch.tensor(tokens)
+            mask[i, : len(tokens)] = 1
+        image_ids = torch.from_numpy(self.pairs.image_id[rows])
+        return Batch(images, ids, mask, image_ids, self.prompt_length)
+
+    def batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        """The loop's entry point: a DataLoader over this dataset for `epoch`, from batch `skip`."""
+        self.epoch, self.skip = epoch, skip
+        workers = min(self.num_workers, max(0, self.batches_per_epoch() - skip))
+        loader = DataLoader(self, batch_size=None, num_workers=workers,
+                            persistent_workers=False, prefetch_factor=2 if workers else None)
+        return iter(loader)

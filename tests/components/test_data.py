@@ -1,0 +1,123 @@
+"""Manifests → per-rank, per-worker, resumable batches with the BLIP transforms and tokenisation."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.config import AugmentConfig, TextInput
+from components.data import CLIP_MEAN, CLIP_STD, ManifestBatches, epoch_order, load_pairs
+from components.shards import ShardReader
+from components.errors import CapfiltError
+from components.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_corpus import make_corpus, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    train = make_corpus(root / "a", n_images=40, captions=2, seed=0)
+    other = make_corpus(root / "b", n_images=8, captions=1, seed=1)
+    held = make_corpus(root / "c", n_images=8, captions=1, seed=2, split="test")
+    return train, other, held, load_tokenizer(make_tokenizer(root / "tok"))
+
+
+def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prompt="", seed=0):
+    return ManifestBatches(pairs, tok, TextInput(max_tokens=12), AugmentConfig(enabled=augment), 32,
+                           micro, rank, world, seed=seed, shuffle_buffer=16, num_workers=workers,
+                           prompt=prompt)
+
+
+def _all(source, epoch=0, skip=0):
+    return list(source.batches(epoch, skip))
+
+
+def test_pairs_keep_train_rows_and_number_images_densely(corpus):
+    train, other, held, _ = corpus
+    pairs = load_pairs([train, other, held])
+    assert len(pairs) == 40 * 2 + 8  # the test split is left out
+    assert sorted(set(pairs.image_id.tolist())) == list(range(48))  # same keys, other manifest: new ids
+    first = [i for i, m in enumerate(pairs.member) if m == "000000.png"]
+    assert len({pairs.image_id[i] for i in first}) == 2  # 000000 of each manifest
+    with pytest.raises(CapfiltError, match="no 'train' rows"):
+        load_pairs([held])
+    with pytest.raises(CapfiltError, match="manifest not found"):
+        load_pairs([held.parent / "missing.parquet"])
+
+
+def test_batches_are_typed_and_tokenised(corpus):
+    train, _, _, tok = corpus
+    batch = _all(_source(load_pairs([train]), tok))[0]
+    assert batch.image.shape == (8, 3, 32, 32) and batch.image.dtype == torch.float32
+    ids, mask = batch.input_ids, batch.attention_mask
+    assert ids.shape == mask.shape and ids.shape[1] <= 12
+    assert (ids[:, 0] == tok.token_to_id("[CLS]")).all()
+    lengths = mask.sum(1)
+    assert (ids[torch.arange(8), lengths - 1] == tok.token_to_id("[SEP]")).all()  # kept when truncating
+    assert (ids[mask == 0] == 0).all() and batch.image_ids.dtype == torch.long
+
+
+def test_the_order_is_seeded_per_epoch_and_covers_every_row(corpus):
+    pairs = load_pairs([corpus[0]])
+    a, b = epoch_order(pairs, 0, 0, 16), epoch_order(pairs, 0, 0, 16)
+    assert np.array_equal(a, b) and sorted(a.tolist()) == list(range(len(pairs)))
+    assert not np.array_equal(a, epoch_order(pairs, 0, 1, 16))
+    assert not np.array_equal(a, epoch_order(pairs, 1, 0, 16))
+
+
+def test_two_ranks_split_what_one_rank_sees(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    one = _all(_source(pairs, tok, micro=8))
+    r0 = _all(_source(pairs, tok, micro=4, rank=0, world=2))
+    r1 = _all(_source(pairs, tok, micro=4, rank=1, world=2))
+    assert len(one) == len(r0) == len(r1) == 10  # 80 rows // 8, the rest dropped
+    for whole, a, b in zip(one, r0, r1):
+        assert torch.equal(whole.image_ids, torch.cat([a.image_ids, b.image_ids]))
+        assert torch.equal(whole.image, torch.cat([a.image, b.image]))
+
+
+def test_skip_and_workers_do_not_change_the_stream(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    base = _all(_source(pairs, tok))
+    skipped = _all(_source(pairs, tok), skip=3)
+    assert [b.image_ids.tolist() for b in skipped] == [b.image_ids.tolist() for b in base[3:]]
+    workers = _all(_source(pairs, tok, workers=2))
+    assert [b.image_ids.tolist() for b in workers] == [b.image_ids.tolist() for b in base]
+
+
+def test_augmentation_is_switchable_and_reproducible(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    plain = _all(_source(pairs, tok))[0].image
+    aug1 = _all(_source(pairs, tok, augment=True))[0].image
+    aug2 = _all(_source(pairs, tok, augment=True))[0].image
+    assert torch.equal(aug1, aug2) and not torch.equal(aug1, plain)
+    # off = BLIP's eval transform: resize, then CLIP mean/std (grey 128 is slightly above the mean)
+    first = epoch_order(pairs, 0, 0, 16)[0]
+    with ShardReader(pairs.roots[0]) as reader:
+        raw = Image.open(io.BytesIO(reader.read(pairs.shard[first], pairs.member[first]))).convert("RGB")
+    want = (torch.from_numpy(np.array(raw)).permute(2, 0, 1) / 255.0 - torch.tensor(CLIP_MEAN)[:, None, None])
+    want = want / torch.tensor(CLIP_STD)[:, None, None]
+    torch.testing.assert_close(plain[0], want, atol=0.05, rtol=0)
+    assert not torch.equal(_all(_source(pairs, tok, augment=True), epoch=1)[0].image, aug1)
+
+
+def test_the_captioner_prompt_is_prepended_and_counted(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    batch = _all(_source(pairs, tok, prompt="a picture of "))[0]
+    prompt_ids = tok.encode("a picture of ").ids[:-1]  # [CLS] a picture of
+    assert batch.prompt_length == len(prompt_ids) >= 4
+    assert (batch.input_ids[:, : batch.prompt_length] == torch.tensor(prompt_ids)).all()
+
+
+def test_too_few_pairs_for_a_global_batch_is_an_error(corpus):
+    pairs = load_pairs([corpus[1]])  # 8 rows
+    with pytest.raises(CapfiltError, match="fewer than one global batch"):
+        _source(pairs, corpus[3], micro=8, world=2)

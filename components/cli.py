@@ -9,6 +9,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.errors import CapfiltError
+from components.model_cli import add_model_commands
 
 # Offline and quiet by default; a user's explicit setting wins.
 _QUIET_ENV = {
@@ -71,11 +73,57 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from components import stages
+def _cmd_flows(args: argparse.Namespace) -> int:
+    # flows/ imports Prefect and MLflow; components/ must not (tests/test_layering.py), so the
+    # orchestration commands live in flows/cli.py, loaded by name only when one of them runs.
+    handlers = importlib.import_module("flows.cli")
+    return getattr(handlers, args.flows_handler)(args)
 
-    stages.run_pipeline(Path(args.params), force=args.force)
-    return 0
+
+def _add_orchestration(sub: argparse._SubParsersAction) -> None:
+    """run, schedule, promote, compare, reproduce, stack (handlers in flows/cli.py)."""
+    p = sub.add_parser("run", help="run the whole pipeline (Prefect flow over the DVC stages)")
+    p.add_argument("--force", action="store_true", help="re-run every selected stage")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME",
+                   help="run only this dvc.yaml stage (repeatable; default: pipeline.stages or all)")
+    p.add_argument("--dry-run", action="store_true", help="list the stages that would run")
+    p.add_argument("--no-prefect", action="store_true", help="plain `dvc repro`, no flow or tracking")
+    _add_params(p)
+    p.set_defaults(func=_cmd_flows, flows_handler="run")
+
+    p = sub.add_parser("schedule", help="serve the pipeline as a Prefect deployment on a cron schedule")
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    p.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    p.add_argument("--timezone", default="UTC", help="timezone of the cron (default: UTC)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME", help="stages to run")
+    p.add_argument("--dry-run", action="store_true", help="scheduled runs only list their stages")
+    _add_params(p)
+    p.set_defaults(func=_cmd_flows, flows_handler="schedule")
+
+    p = sub.add_parser("promote", help="point a registered model's `champion` alias at a version")
+    p.add_argument("model", help="registered model, e.g. capfilt-captioner")
+    p.add_argument("version", help="model version number")
+    _add_params(p)
+    p.set_defaults(func=_cmd_flows, flows_handler="promote")
+
+    p = sub.add_parser("compare", help="two pipeline runs side by side (params, metrics, data)")
+    p.add_argument("run_a", metavar="RUN_A", help="MLflow run id")
+    p.add_argument("run_b", metavar="RUN_B", help="MLflow run id")
+    _add_params(p)
+    p.set_defaults(func=_cmd_flows, flows_handler="compare")
+
+    p = sub.add_parser("reproduce", help="restore a run's code and datasets from git + DVC")
+    p.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of a pipeline run")
+    p.add_argument("--out", required=True, help="new folder to restore into")
+    _add_params(p)
+    p.set_defaults(func=_cmd_flows, flows_handler="reproduce")
+
+    p = sub.add_parser("stack", help="local services: moto (S3), MLflow server, Prefect server")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--home", default=".stack", help="state folder: logs, PID files (default: .stack)")
+    p.add_argument("--service", action="append", choices=["moto", "mlflow", "prefect"],
+                   help="start only these (repeatable; default: all)")
+    p.set_defaults(func=_cmd_flows, flows_handler="stack")
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
@@ -125,18 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(p)
     p.set_defaults(func=_cmd_stage)
 
-    p = sub.add_parser("run", help="run the whole pipeline")
-    p.add_argument("--force", action="store_true", help="re-run every stage")
-    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    p.set_defaults(func=_cmd_run)
+    _add_orchestration(sub)
+    add_model_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    # DeepSpeed's JIT-built ops: the copy `make setup` pre-built inside the virtualenv.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    if sys.prefix != sys.base_prefix:  # DeepSpeed's JIT-built ops: `make setup` pre-builds them here
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

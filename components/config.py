@@ -56,6 +56,7 @@ class SynthConfig(Section):
     n_test: int = Field(300, ge=1)  # held-out images with reference captions
     max_objects: int = Field(3, ge=1, le=4)  # one object per quadrant at most
     duplicate_prob: float = Field(0.2, ge=0, le=1)  # an object repeats an earlier one: "two ..."
+    jitter: int = Field(1, ge=0, le=16)  # max pixels an object moves off its quadrant's centre
     noise: NoiseMix = NoiseMix()
 
 
@@ -226,7 +227,7 @@ class TokenizerConfig(Section):
     """The WordPiece vocabulary trained on the ingested training captions."""
 
     vocab_size: int = Field(1000, ge=16)  # special tokens included
-    min_frequency: int = Field(1, ge=1)  # a merge must be seen this often
+    min_frequency: int = Field(1, ge=1)  # a word must be seen this often to be a token
     max_words: int = Field(30, ge=1)  # pre_caption word limit (BLIP: 30)
 
 
@@ -263,6 +264,116 @@ class IngestConfig(Section):
         return self
 
 
+# --- orchestration: the Prefect flow, MLflow tracking and promotion (flows/) ------------------
+
+
+class PipelineConfig(Section):
+    """The Prefect flow that runs the DVC stages (flows/pipeline.py)."""
+
+    flow_name: str = "capfilt-pipeline"
+    stages: list[str] = Field(default_factory=list)  # dvc.yaml stages to run, in DAG order; [] = all
+    retries: int = Field(1, ge=0)  # extra attempts of a failed stage before the flow fails
+    retry_delay_seconds: float = Field(5.0, ge=0)
+    promote: bool = True  # register the models and move `champion` after the stages
+
+
+class RegisteredModel(Section):
+    """One model the flow logs as an MLflow pyfunc and registers under its key in `models`."""
+
+    kind: Literal["captioner", "filter", "blip"]  # captioner: captions; filter/blip: match scores
+    dir: str  # exported model directory (config.json + model.safetensors + tokenizer.json)
+    metric: str = ""  # dotted key into promote.metrics_file; "" = never promoted automatically
+
+
+def _default_models() -> dict[str, RegisteredModel]:
+    return {
+        "capfilt-captioner": RegisteredModel(kind="captioner", dir="outputs/finetune2/captioner/model",
+                                             metric="round2.cider"),
+        "capfilt-filter": RegisteredModel(kind="filter", dir="outputs/finetune2/filter/model",
+                                          metric="filter.auroc"),
+        "capfilt-blip": RegisteredModel(kind="blip", dir="outputs/retrain/model",
+                                        metric="round2.i2t_r1"),
+    }  # fmt: skip
+
+
+class TrackingConfig(Section):
+    """MLflow: where runs go (the URI itself comes from MLFLOW_TRACKING_URI; default
+    sqlite:///mlflow.db at the project root, artifacts in mlartifacts/) and what is registered."""
+
+    experiment: str = "capfilt"
+    models: dict[str, RegisteredModel] = Field(default_factory=_default_models)
+    timeout_seconds: float = Field(10.0, gt=0)  # an unreachable tracking server fails within ~this
+
+
+class PromoteConfig(Section):
+    """Moving the `champion` alias: only when the new version beats it by `margin`."""
+
+    metrics_file: str = "outputs/evaluate/metrics.json"
+    margin: float = Field(0.0, ge=0)  # required improvement over the champion's metric
+    higher_is_better: bool = True
+
+
+# --- bootstrap and evaluate: CapFilt and its measurement (components/bootstrap.py, evaluate.py) --
+
+
+class BootstrapConfig(Section):
+    """CapFilt: caption every web image, score web and synthetic texts with ITM, keep the matches.
+
+    `threshold: fixed` keeps a text when p(match) >= itm_threshold; `calibrated` keeps it when
+    it clears the score that keeps `calibration_keep` of held-out human pairs (the human `val`
+    rows, else a fixed seeded sample of `calibration_samples` human training pairs)."""
+
+    web_manifest: str = "outputs/ingest/web/manifest.parquet"
+    human_manifest: str = "outputs/ingest/human/manifest.parquet"
+    captioner: str = "outputs/finetune/captioner/model"  # any capfilt BlipCaptioner directory
+    filter: str = "outputs/finetune/filter/model"  # any capfilt BlipFilter directory
+    out: str = "outputs/bootstrap"  # manifest, removed, shards/, parts/, metrics.json
+    captions_per_image: int = Field(1, ge=1, le=16)  # synthetic captions per web image (K)
+    decoding: Literal["nucleus", "beam", "greedy"] = "nucleus"  # BLIP CapFilt: nucleus
+    top_p: float = Field(0.9, ge=0, le=1)  # nucleus mass
+    repetition_penalty: float = Field(1.1, gt=0)  # BLIP hard-codes 1.1 when sampling
+    num_beams: int = Field(3, ge=1)  # beam only
+    max_new_tokens: int = Field(16, ge=1)  # BLIP max_length 20 counts the 4 prompt tokens
+    min_new_tokens: int = Field(1, ge=0)  # BLIP min_length 5 counts the prompt
+    prompt: str = "a picture of "  # fed to the decoder, stripped from the caption
+    threshold: Literal["fixed", "calibrated"] = "fixed"
+    itm_threshold: float = Field(0.5, ge=0, le=1)  # fixed: keep when p(match) >= this
+    calibration_keep: float = Field(0.95, gt=0, le=1)  # calibrated: held-out human pairs kept
+    calibration_samples: int = Field(1000, ge=1)  # human pairs scored when there is no val split
+    itc_threshold: float | None = Field(None, ge=-1, le=1)  # optional: also need cosine >= this
+    batch_size: int = Field(64, ge=1)  # images per forward
+    seed: int = 0  # sampling seed; each image draws from (seed, shard, member)
+    merge_timeout_s: int = Field(3600, ge=1)  # rank 0 waits this long for other ranks' parts
+    threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / ranks
+    text: TextInput = TextInput()  # how the filter tokenises web and synthetic texts
+
+
+class EvaluateConfig(Section):
+    """Round 1 (fine-tunes of `pretrain`) vs round 2 (fine-tunes of `retrain`) on the test set,
+    and the filter's quality against the web ground truth when the corpus has one."""
+
+    test_manifest: str = "outputs/ingest/test/manifest.parquet"
+    round1_captioner: str = "outputs/finetune/captioner/model"
+    round1_filter: str = "outputs/finetune/filter/model"
+    round2_captioner: str = "outputs/finetune2/captioner/model"
+    round2_filter: str = "outputs/finetune2/filter/model"
+    bootstrap: str = "outputs/bootstrap"  # its manifest.parquet and removed.parquet
+    web_manifest: str = "outputs/ingest/web/manifest.parquet"
+    test_scenes: str | None = "data/test"  # synth ground truth (scenes.jsonl); null: real data
+    web_truth: str | None = "data/web"  # synth web truth (truth.csv: noise kind per image)
+    out: str = "outputs/evaluate"  # metrics.json, plots/, report.html
+    num_beams: int = Field(3, ge=1)  # BLIP captioning eval: beam 3
+    max_new_tokens: int = Field(16, ge=1)
+    min_new_tokens: int = Field(1, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)  # BLIP COCO eval: 1.0
+    prompt: str = "a picture of "
+    k_test: int = Field(128, ge=1)  # texts/images re-ranked with ITM per query (BLIP: 128/256)
+    batch_size: int = Field(64, ge=1)
+    grid_images: int = Field(24, ge=0)  # web images shown in report.html
+    threads: int = Field(0, ge=0)  # torch threads; 0 = all cores
+    text: TextInput = TextInput(max_tokens=35)  # BLIP retrieval eval: max_length 35
+
+
 # --- the root ---------------------------------------------------------------------------------
 
 
@@ -277,6 +388,11 @@ class Params(Section):
     retrain: RetrainConfig = RetrainConfig()
     validation: ValidationConfig = ValidationConfig()
     ingest: IngestConfig = IngestConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
 
 
 def _format_error(path: Path, err: dict[str, Any]) -> str:

@@ -45,9 +45,24 @@ def _retrain(params: Params) -> None:
     train_stages.run_retrain(params)
 
 
+def _bootstrap(params: Params) -> None:
+    from components import bootstrap
+
+    bootstrap.run(params.bootstrap, params.validation)
+
+
+def _evaluate(params: Params) -> None:
+    from components import evaluate
+
+    evaluate.run(params.evaluate)
+
+
 # Training stages run as `train.processes` ranks through the deepspeed launcher when > 1.
 TRAINING_STAGES = ("pretrain", "finetune-captioner", "finetune-filter", "retrain",
                    "finetune2-captioner", "finetune2-filter")
+
+# bootstrap inference shards its web shards over the same ranks (rank 0 merges)
+RANKED_STAGES = (*TRAINING_STAGES, "bootstrap")
 
 STAGES: dict[str, Callable[[Params], None]] = {
     "ingest": _ingest,
@@ -57,6 +72,8 @@ STAGES: dict[str, Callable[[Params], None]] = {
     "retrain": _retrain,
     "finetune2-captioner": _finetune("captioner", 2),
     "finetune2-filter": _finetune("filter", 2),
+    "bootstrap": _bootstrap,
+    "evaluate": _evaluate,
 }
 
 
@@ -65,7 +82,7 @@ def run_stage(name: str, params_path: Path, overrides: list[str] | None = None) 
     if name not in STAGES:
         raise CapfiltError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_path, overrides)
-    if name in TRAINING_STAGES and params.train.processes > 1:
+    if name in RANKED_STAGES and params.train.processes > 1:
         from components import distributed
 
         if not distributed.is_launched_rank():  # start the ranks, each re-running this stage

@@ -5,8 +5,6 @@ second run with nothing changed is all cached."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,7 @@ def runnable(root: Path, stages: list[StageSpec]) -> list[str]:
     return names
 
 
-def _run_twice(root: Path, names: list[str], store: str) -> None:
+def _run_twice(root: Path, names: list[str], store: str) -> dict:
     first = pipeline(root=str(root), stages=names, overrides=SHRINK)
     assert [s["name"] for s in first["stages"]] == names
     assert {s["status"] for s in first["stages"]} == {"ran"}
@@ -47,21 +45,22 @@ def _run_twice(root: Path, names: list[str], store: str) -> None:
     ingest_files = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id, "outputs/ingest/human")}
     assert "outputs/ingest/human/data_docs" in ingest_files
 
-    started = time.monotonic()
+    # Nothing changed: every stage is reported cached (how fast is a benchmark's business).
     second = pipeline(root=str(root), stages=names)
-    assert time.monotonic() - started < 30
     assert {s["status"] for s in second["stages"]} == {"cached"}
     kids = client.search_runs([run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{second['parent_run_id']}'")
     assert {k.data.tags["stage"] for k in kids if k.data.tags.get("cached") == "true"} == set(names)
+    return first
 
 
-def test_ingest_runs_is_tracked_then_cached(mini_project: Path, mlflow_store: str):
-    _run_twice(mini_project, ["ingest"], mlflow_store)
-
-
-@pytest.mark.skipif(not os.environ.get("CAPFILT_E2E_FULL"),
-                    reason="all dvc.yaml stages: 2.5 min on 2 idle cores, ~10 min under load; set CAPFILT_E2E_FULL=1")
 def test_every_stage_runs_is_tracked_then_cached(mini_project: Path, mlflow_store: str):
     names = runnable(mini_project, read_stages(mini_project))
     assert names[0] == "ingest"
-    _run_twice(mini_project, names, mlflow_store)
+    assert {"pretrain", "bootstrap", "retrain", "evaluate"} <= {n.split("@")[0] for n in names}
+    first = _run_twice(mini_project, names, mlflow_store)
+    # The promote step registered the models and gave the first versions the champion alias.
+    client = MlflowClient(mlflow_store)
+    for model in ("capfilt-captioner", "capfilt-filter", "capfilt-blip"):
+        assert client.search_model_versions(f"name = '{model}'"), f"{model} not registered"
+        assert client.get_model_version_by_alias(model, "champion").version
+    assert first["promotions"]

@@ -16,7 +16,6 @@ requires. The manifest passes the pandera schema and the GX suite before it is w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ import pandas as pd
 import torch
 
 from components.config import BootstrapConfig, ValidationConfig
+from components import atomic
 from components.errors import CapfiltError
 from components.expectations import require, run_expectations
 from components.batch_inference import Images, autocast, score_texts
@@ -191,19 +191,9 @@ def _removed_table(rows: pd.DataFrame, decided: pd.DataFrame) -> pd.DataFrame:
     return table[list(REMOVED_COLUMNS)].reset_index(drop=True)
 
 
-def _write_atomic(path: Path, writer: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Pretty JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+    atomic.write_json(path, payload)
 
 
 def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, calibration: dict[str, Any],
@@ -245,7 +235,7 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
     link_shards(out, {"human": (Path(cfg.human_manifest).parent, sorted(human_train["shard"].unique())),
                       "web": (Path(cfg.web_manifest).parent, sorted(web["shard"].unique()))})
     write_manifest(manifest, out / "manifest.parquet", "bootstrapped")
-    _write_atomic(out / "removed.parquet", lambda tmp: removed.to_parquet(tmp, index=False))
+    atomic.write_with(out / "removed.parquet", lambda tmp: removed.to_parquet(tmp, index=False))
     metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s)
     write_json(out / "metrics.json", metrics)
     log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (threshold %.3f); %d pairs",

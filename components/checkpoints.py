@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from components import atomic
 from components.errors import CapfiltError
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def prepare_resume_dir(resume_dir: Path, fingerprint: str, resume: bool) -> str 
             log.info("resume folder %s holds another run's checkpoints; starting afresh", resume_dir)
         for child in resume_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-        _write_text_atomic(run_file, json.dumps({"fingerprint": fingerprint}))
+        atomic.write_text(run_file, json.dumps({"fingerprint": fingerprint}))
         return None
     return latest_tag(resume_dir)
 
@@ -92,7 +93,7 @@ def publish(resume_dir: Path, step: int, keep: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(resume_dir / temp_tag(step), final)
-    _write_text_atomic(resume_dir / LATEST, final.name)
+    atomic.write_text(resume_dir / LATEST, final.name)
     complete = sorted(p for p in resume_dir.glob("step*") if p.is_dir())
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -235,7 +236,3 @@ def load_model_dir(directory: Path | str, cls: Callable[..., M] | type[M]) -> M:
     return model
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from components import atomic
 from components.config import ValidationConfig
 from components.errors import CapfiltError
 from components.schemas import INGESTED_SOURCES, REJECT_REASONS, SOURCES, ManifestKind
@@ -166,7 +167,7 @@ def run_expectations(df: pd.DataFrame, kind: ManifestKind, cfg: ValidationConfig
     failed = sum(not r["success"] for r in results)
     report = ExpectationReport(success=bool(vr.success), evaluated=len(results), failed=failed,
                                results=results, docs_index=docs_index)
-    _write_json(out_dir / "expectations.json", _report_json(report, kind, name))
+    atomic.write_json(out_dir / "expectations.json", _report_json(report, kind, name))
     log.info("%s (%s): %s", name, kind, report.summary().splitlines()[0])
     return report
 
@@ -274,15 +275,6 @@ def _report_json(report: ExpectationReport, kind: ManifestKind, name: str) -> di
                        "successful": report.evaluated - report.failed},
         "results": report.results,
     }
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def require(report: ExpectationReport, where: str) -> None:

@@ -11,16 +11,14 @@ and the DVC stage of the same name run.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from components import expectations, ingest, schemas
+from components import atomic
 from components.config import IngestConfig, IngestSource, ValidationConfig
 from components.formats import SourceSpec
 from components.tokenizer import save_tokenizer, train_tokenizer
@@ -50,15 +48,6 @@ def _gx_check(name: str, validation: ValidationConfig) -> ingest.Check:
         expectations.require(report, f"ingest {name}")
 
     return check
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def training_captions(root: Path, cfg: IngestConfig) -> list[str]:
@@ -93,5 +82,5 @@ def run(cfg: IngestConfig, validation: ValidationConfig) -> dict[str, Any]:
     metrics["tokenizer"] = {"vocab_size": tok.get_vocab_size(), "captions": len(captions)}
     log.info("tokenizer: %d tokens from %d captions -> %s", tok.get_vocab_size(), len(captions),
              path)  # fmt: skip
-    _write_json(root / METRICS, metrics)
+    atomic.write_json(root / METRICS, metrics, sort_keys=True)
     return metrics

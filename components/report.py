@@ -14,8 +14,6 @@ import base64
 import html
 import io
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from components import atomic
 from components.shards import ShardReader
 
 HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
@@ -34,16 +33,6 @@ td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px}.card img{width:128px;height:128px;image-rendering:pixelated;display:block;margin:auto}
 .removed{text-decoration:line-through;color:#a33}.kept{color:#262}.kind{font-size:11px;color:#666;text-transform:uppercase}
 .pos{color:#262}.neg{color:#a33}"""
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(value: Any) -> str:
@@ -189,7 +178,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
                   bootstrap_root: Path, grid_images: int, captions: dict[str, dict[str, str]]) -> None:
     """plots/*.csv, plots/*.png and report.html under `out`."""
     table = rounds_table(metrics)
-    _atomic(out / "plots" / "rounds.csv", table.to_csv(index=False).encode())
+    atomic.write_bytes(out / "plots" / "rounds.csv", table.to_csv(index=False).encode())
     pngs = {"rounds": plot_rounds(table)}
     grid = ""
     if decisions is not None:
@@ -198,9 +187,9 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
         web = decisions[decisions["source"] == "web"]
         if truth is not None:
             hist = itm_histogram(web)
-            _atomic(out / "plots" / "itm_hist.csv", hist.to_csv(index=False).encode())
+            atomic.write_bytes(out / "plots" / "itm_hist.csv", hist.to_csv(index=False).encode())
             pngs["itm_hist"] = plot_histogram(hist, metrics.get("filter", {}).get("itm_threshold"))
         grid = grid_html(decisions, pick_grid(web, grid_images), bootstrap_root)
     for name, data in pngs.items():
-        _atomic(out / "plots" / f"{name}.png", data)
-    _atomic(out / "report.html", render_html(metrics, pngs, grid).encode())
+        atomic.write_bytes(out / "plots" / f"{name}.png", data)
+    atomic.write_bytes(out / "report.html", render_html(metrics, pngs, grid).encode())

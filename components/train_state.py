@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import resource
 import sys
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from components import atomic
 
 
 def seed_everything(seed: int) -> None:
@@ -101,15 +102,8 @@ class RunClock:
         return metrics
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
-    _write_atomic(path, json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=2) + "\n")
+    atomic.write_text(path, json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=2) + "\n")
 
 
 def write_loss_csv(path: Path, rows: list[dict[str, float]]) -> None:
@@ -121,4 +115,4 @@ def write_loss_csv(path: Path, rows: list[dict[str, float]]) -> None:
     writer.writerow(header)
     for r in rows:
         writer.writerow([int(r["step"])] + [f"{r.get(k, float('nan')):.6g}" for k in header[1:]])
-    _write_atomic(path, buf.getvalue())
+    atomic.write_text(path, buf.getvalue())

@@ -3,7 +3,6 @@ margin, `capfilt promote` by hand, and a promoted captioner that loads by alias 
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from PIL import Image
 
 from components.config import PromoteConfig, load_params
 from components.errors import CapfiltError

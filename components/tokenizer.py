@@ -67,6 +67,9 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )  # fmt: skip
     tok.decoder = decoders.WordPiece(prefix="##")
+    # Mark them special (already in the vocabulary, so their ids stay): never split, and dropped
+    # by decode(skip_special_tokens=True).
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 
 

@@ -18,6 +18,14 @@ def test_special_tokens_have_fixed_ids():
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
 
 
+def test_special_tokens_are_special():
+    tok = train_tokenizer(_captions(0), TokenizerConfig(vocab_size=100))
+    ids = tok.encode("red ring").ids
+    with_specials = [tok.token_to_id("[DEC]"), *ids, tok.token_to_id("[PAD]")]
+    assert tok.decode(with_specials, skip_special_tokens=True) == "red ring"
+    assert tok.encode("[ENC] red").tokens[1] == "[ENC]"  # never split into characters
+
+
 def test_vocabulary_is_deterministic_with_frequency_ties():
     # Every word equally frequent: the worst case for tie-breaking.
     captions = [" ".join(WORDS)] * 10

@@ -68,10 +68,14 @@ def init_single_process() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         return
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if is_launched_rank():
+        return
+    # A one-process rendezvous agrees with nobody, so it always takes a fresh port: an inherited
+    # MASTER_PORT (e.g. from a parent that trained in-process and still holds its store) would be
+    # in use.
+    single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port())}
+    os.environ.update(single)
 
 
 def rank_info() -> RankInfo:

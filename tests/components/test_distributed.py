@@ -72,3 +72,20 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, monkeypatch
     w2, w1 = torch.load(tmp_path / "two/final.pt"), torch.load(tmp_path / "one/final.pt")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+
+
+def test_single_process_takes_a_fresh_port_even_when_one_is_inherited(monkeypatch):
+    import socket
+
+    from components import distributed
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(taken))
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+        distributed.init_single_process()
+        assert int(distributed.os.environ["MASTER_PORT"]) != taken
+        assert distributed.os.environ["WORLD_SIZE"] == "1"

@@ -34,7 +34,7 @@ from components.text import pre_caption
 from models.generation import GenerationConfig, StepDecoder, decode_batch, generate
 
 # The sampling rules (repetition penalty + EOS block, then top-p) are reused, not copied.
-from models.generation import _nucleus_sample, _process_  # noqa: PLC2701
+from models.generation import nucleus_sample, process_logits
 
 
 @dataclass
@@ -180,8 +180,8 @@ def sample_nucleus(decoder: StepDecoder, prompt: Tensor, image_embeds: Tensor, c
     out = torch.full((n, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
     for t in range(cfg.max_new_tokens):
         history = torch.cat([prompt[live], out[live, :t]], dim=1)  # (R, P + t)
-        scores = _process_(logits.to(torch.float32, copy=True), history, t, cfg)
-        tok = _nucleus_sample(scores / cfg.temperature, cfg.top_p, uniforms[live, t])  # (R,)
+        scores = process_logits(logits.to(torch.float32, copy=True), history, t, cfg)
+        tok = nucleus_sample(scores / cfg.temperature, cfg.top_p, uniforms[live, t])  # (R,)
         out[live, t] = tok
         going = tok != cfg.eos_token_id
         if t + 1 == cfg.max_new_tokens or not bool(going.any()):

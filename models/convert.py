@@ -23,27 +23,29 @@ from torch import Tensor
 
 from models.vit import interpolate_pos_embed
 
-# (capfilt / official pattern, Hugging Face replacement), applied in order to `visual_encoder.*`.
-VISION_TO_HF: tuple[tuple[str, str], ...] = (
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+# One table, both directions: (capfilt / official name, Hugging Face name); {i} is a block index,
+# {j} a norm index; a name ending in "." renames a prefix, any other name matches exactly.
+_VISION_NAMES: tuple[tuple[str, str], ...] = (
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.blocks.{i}.norm{j}.", "vision_model.encoder.layers.{i}.layer_norm{j}."),
+    ("visual_encoder.blocks.{i}.attn.qkv.", "vision_model.encoder.layers.{i}.self_attn.qkv."),
+    ("visual_encoder.blocks.{i}.attn.proj.", "vision_model.encoder.layers.{i}.self_attn.projection."),
+    ("visual_encoder.blocks.{i}.mlp.", "vision_model.encoder.layers.{i}.mlp."),
+    ("visual_encoder.norm.", "vision_model.post_layernorm."),
 )
-HF_TO_VISION: tuple[tuple[str, str], ...] = (
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
-)
+
+
+def _rename_rule(src: str, dst: str) -> tuple[str, str]:
+    """A (regex, replacement) pair that rewrites `src`-style keys into `dst`-style keys."""
+    pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d)")
+    pattern = "^" + pattern + ("" if src.endswith(".") else "$")
+    return pattern, dst.replace("{i}", r"\g<i>").replace("{j}", r"\g<j>")
+
+
+VISION_TO_HF = tuple(_rename_rule(ours, hf) for ours, hf in _VISION_NAMES)
+HF_TO_VISION = tuple(_rename_rule(hf, ours) for ours, hf in _VISION_NAMES)
 
 # Every top-level module/buffer an official BLIP checkpoint (pretrain, caption, retrieval, ITM) holds.
 OFFICIAL_MODULES = frozenset({

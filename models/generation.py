@@ -139,7 +139,7 @@ def generate(decoder: StepDecoder, prompt_ids: Tensor, image_embeds: Tensor, cfg
 # --------------------------------------------------------------------------- logits processors
 
 
-def _process_(scores: Tensor, history: Tensor, t: int, cfg: GenerationConfig) -> Tensor:
+def process_logits(scores: Tensor, history: Tensor, t: int, cfg: GenerationConfig) -> Tensor:
     """In place on a tensor the search owns, (R, V): the repetition penalty over history (R, S)
     (HF/CTRL rule: negative scores are multiplied, positive ones divided), then the EOS block while
     fewer than min_new_tokens exist."""
@@ -164,7 +164,7 @@ def _top_sorted(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
         k = min(v, 4 * k)
 
 
-def _nucleus_sample(scores: Tensor, top_p: float, u: Tensor) -> Tensor:
+def nucleus_sample(scores: Tensor, top_p: float, u: Tensor) -> Tensor:
     """Inverse-CDF sample from the smallest top set with mass >= top_p.
     scores (R, V), u (R,) uniforms in [0, 1) -> token ids (R,)."""
     probs = scores.softmax(dim=-1)
@@ -188,12 +188,12 @@ def _pick(logits: Tensor, history: Tensor, t: int, cfg: GenerationConfig,
           u: Tensor | None) -> tuple[Tensor, Tensor]:
     """Next token and its log-prob per row; greedy mirrors one-beam search, nucleus HF sampling."""
     if cfg.decoding == "greedy":
-        logp = _process_(F.log_softmax(logits.float(), dim=-1), history, t, cfg)
+        logp = process_logits(F.log_softmax(logits.float(), dim=-1), history, t, cfg)
         tok = logp.argmax(dim=-1)
     else:
-        scores = _process_(logits.to(torch.float32, copy=True), history, t, cfg)
+        scores = process_logits(logits.to(torch.float32, copy=True), history, t, cfg)
         logp = F.log_softmax(scores, dim=-1)
-        tok = _nucleus_sample(scores / cfg.temperature, cfg.top_p, u)
+        tok = nucleus_sample(scores / cfg.temperature, cfg.top_p, u)
     return tok, logp.gather(1, tok.unsqueeze(1)).squeeze(1)
 
 
@@ -284,7 +284,7 @@ def _beam_log_probs(logits: Tensor, st: _Beams, prompt: Tensor, t: int,
     a, v = st.img.numel(), logits.shape[-1]
     r = logits.shape[0] // a
     hist = torch.cat([prompt[st.img].unsqueeze(1).expand(-1, r, -1), st.run_seq[:, :r, :t]], dim=2)
-    logp = _process_(F.log_softmax(logits.float(), dim=-1), hist.reshape(a * r, -1), t, cfg)
+    logp = process_logits(F.log_softmax(logits.float(), dim=-1), hist.reshape(a * r, -1), t, cfg)
     return logp.view(a, r, v).expand(a, cfg.num_beams, v)
 
 

@@ -11,16 +11,24 @@ trained model's; with flat random logits every nucleus would span the whole voca
 texts per image, capfilt encodes the image once (`itm_scores` over shared image keys/values),
 transformers runs two retrieval forwards. Runs alternate capfilt / transformers; the best of
 the rounds is kept and images/s and the ratio are printed. `bootstrap` combines nucleus
-captioning + ITM per image, the CapFilt work. The last line is one JSON object.
+captioning + ITM per image, the CapFilt work. On the CPU each capfilt row also gets its achieved
+FLOP/s as a fraction of the matmul peak (`mfu`): the FLOPs of one call of exactly the timed
+capfilt work (same batch, same seeded decoding, so the same tokens) are counted with torch's
+`FlopCounterMode` (matrix products, attention and convolutions; element-wise work is not
+counted), divided by the best time, and set against the best fp32 1024x1024 `torch.mm` FLOP/s at
+the same thread count (`benchmarks/train_step.py`'s `matmul_peak`), measured before and after
+the runs in the same process. The last line is one JSON object.
 Usage: `python benchmarks/caption.py [--quick] [--device cpu|cuda] [--presets tiny base]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -72,6 +80,24 @@ def best_time(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of `fn` as torch's FlopCounterMode counts them (matmul-like ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _matmul_peak(threads: int) -> float:
+    """`benchmarks/train_step.py`'s matmul peak (loaded by path: run as a script, `benchmarks` is
+    not an importable package)."""
+    spec = importlib.util.spec_from_file_location("train_step_bench", Path(__file__).with_name("train_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.matmul_peak(threads)
 
 
 def alternate(ours: Callable[[], object], theirs: Callable[[], object], rounds: int,
@@ -146,12 +172,17 @@ def bench_preset(name: str, quick: bool, device: torch.device, batches: list[int
             fns = itm_fns(hf_itm, our_itm, config, pixels) if task == "itm" else \
                 caption_fns(hf_cap, our_cap, config, pixels, task)
             t_ours, t_hf = alternate(*fns, rounds=rounds, device=device)
-            row[task] = {"capfilt_img_s": b / t_ours, "hf_img_s": b / t_hf, "ratio": t_hf / t_ours}
+            flops = count_flops(fns[0])  # the same seeded call as timed: the same tokens
+            row[task] = {"capfilt_img_s": b / t_ours, "hf_img_s": b / t_hf, "ratio": t_hf / t_ours,
+                         "capfilt_flops": flops, "capfilt_s": t_ours}
             print(f"{label:>14} batch {b:>2} {task:>7}: capfilt {b / t_ours:8.2f} img/s  "
-                  f"transformers {b / t_hf:8.2f} img/s  ratio {t_hf / t_ours:5.2f}x", flush=True)
-        t_ours = b / row["nucleus"]["capfilt_img_s"] + b / row["itm"]["capfilt_img_s"]
+                  f"transformers {b / t_hf:8.2f} img/s  ratio {t_hf / t_ours:5.2f}x  "
+                  f"capfilt {flops / t_ours / 1e9:7.2f} GFLOP/s", flush=True)
+        t_ours = row["nucleus"]["capfilt_s"] + row["itm"]["capfilt_s"]
         t_hf = b / row["nucleus"]["hf_img_s"] + b / row["itm"]["hf_img_s"]
-        row["bootstrap"] = {"capfilt_img_s": b / t_ours, "hf_img_s": b / t_hf, "ratio": t_hf / t_ours}
+        row["bootstrap"] = {"capfilt_img_s": b / t_ours, "hf_img_s": b / t_hf, "ratio": t_hf / t_ours,
+                            "capfilt_flops": row["nucleus"]["capfilt_flops"] + row["itm"]["capfilt_flops"],
+                            "capfilt_s": t_ours}
         print(f"{label:>14} batch {b:>2} bootstrap (nucleus + ITM): ratio {t_hf / t_ours:5.2f}x", flush=True)
         result[f"batch{b}"] = row
     return {"label": label, "results": result}
@@ -170,13 +201,26 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if args.quick else 3)
-    summary = {"device": str(device), "threads": torch.get_num_threads(), "quick": args.quick,
+    threads = torch.get_num_threads()
+    on_cpu = device.type == "cpu"
+    peak = _matmul_peak(threads) if on_cpu else float("nan")
+    summary = {"device": str(device), "threads": threads, "quick": args.quick,
                "max_new_tokens": MAX_NEW, "min_new_tokens": MIN_NEW, "ratios": {}}
+    results = {}
     for name in args.presets:
         batches = args.batches or ([1, 8, 32] if name == "tiny" or not args.quick else [1, 8])
         out = bench_preset(name, args.quick, device, batches, rounds)
+        results[out["label"]] = out["results"]
         summary["ratios"][out["label"]] = {
             batch: {task: round(v["ratio"], 2) for task, v in row.items()} for batch, row in out["results"].items()}
+    if on_cpu:  # a busy machine can depress one peak reading: keep the better of two
+        peak = max(peak, _matmul_peak(threads))
+        summary["matmul_peak_gflops"] = round(peak / 1e9, 2)
+        summary["mfu"] = {label: {batch: {task: round(v["capfilt_flops"] / v["capfilt_s"] / peak, 4)
+                                          for task, v in row.items()} for batch, row in rows.items()}
+                          for label, rows in results.items()}
+        print(f"matmul peak {peak / 1e9:.2f} GFLOP/s ({threads} threads); capfilt's fraction of it (mfu) "
+              "is in the JSON line", flush=True)
     print(json.dumps(summary))
 
 

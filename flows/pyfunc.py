@@ -1,11 +1,15 @@
 """MLflow pyfunc wrappers: an exported capfilt model directory behind `model.predict(DataFrame)`.
 
 `CaptionerModel` takes a column `image` of encoded image bytes (PNG, JPEG, WebP) and returns a
-column `caption` (beam search from the model's `prompt`, prompt removed). `MatchModel` (the filter
-and the pre-trained MED) takes `image` and `text` and returns `score`, the ITM match probability.
-The model directory travels as the pyfunc's `model_dir` artifact, so a registered version loads
-anywhere with `mlflow.pyfunc.load_model("models:/capfilt-captioner@champion")`; weights are read
-with `components.checkpoints.load_model_dir` (safetensors, no pickle).
+column `caption` (by default beam search from the model's `prompt`, prompt removed; any
+`components.predict.CaptionOptions` field in the model config overrides its default).
+`MatchModel` (the filter and the pre-trained MED) takes `image` and `text` and returns `score`,
+the ITM match probability. Both run the inference path of the pipeline
+(`components.batch_inference`: model loading, prompt ids, generation, tokenisation, ITM scoring)
+in fp32, on a GPU when there is one. The model directory travels as the pyfunc's `model_dir`
+artifact, so a registered version loads anywhere with
+`mlflow.pyfunc.load_model("models:/capfilt-captioner@champion")`; weights are read with
+`components.checkpoints.load_model_dir` (safetensors, no pickle).
 """
 
 from __future__ import annotations
@@ -16,16 +20,6 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-MODEL_CLASSES = {"captioner": "BlipCaptioner", "filter": "BlipFilter", "blip": "BlipPretrain"}
-
-
-def _model_class(kind: str) -> type:
-    from models import blip, blip_filter, blip_pretrain
-
-    classes = {"captioner": blip.BlipCaptioner, "filter": blip_filter.BlipFilter,
-               "blip": blip_pretrain.BlipPretrain}
-    return classes[kind]
-
 
 class _CapfiltModel(mlflow.pyfunc.PythonModel):
     """Shared loading: model, tokenizer and eval transform from the `model_dir` artifact."""
@@ -35,15 +29,14 @@ class _CapfiltModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from pathlib import Path
 
-        from components.checkpoints import load_model_dir
+        from components import batch_inference as infer
         from components.config import AugmentConfig
         from components.data import build_transform
-        from components.tokenizer import load_tokenizer
 
-        folder = Path(context.artifacts["model_dir"])
-        self.model = load_model_dir(folder, _model_class(self.kind)).eval()
-        self.tokenizer = load_tokenizer(folder)
-        self.transform = build_transform(self.model.config.vision.image_size, AugmentConfig())
+        load = infer.load_captioner if self.kind == "captioner" else infer.load_filter
+        self.device = infer.device()
+        self.loaded = load(Path(context.artifacts["model_dir"]), self.device)
+        self.transform = build_transform(self.loaded.image_size, AugmentConfig(enabled=False))
         self.options = dict(context.model_config or {})
 
     def _images(self, column: pd.Series) -> Any:
@@ -57,7 +50,7 @@ class _CapfiltModel(mlflow.pyfunc.PythonModel):
             except Exception as exc:  # noqa: BLE001 - any decoder failure names the row
                 raise ValueError(f"row {i}: `image` is not a readable image ({exc})") from None
             tensors.append(self.transform(image))
-        return torch.stack(tensors)  # (B, 3, H, W)
+        return torch.stack(tensors).to(self.device)  # (B, 3, H, W)
 
 
 class CaptionerModel(_CapfiltModel):
@@ -66,23 +59,23 @@ class CaptionerModel(_CapfiltModel):
     kind = "captioner"
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        import dataclasses
+        import hashlib
+
         import torch
 
-        from models.generation import GenerationConfig, decode_batch, generate
+        from components import batch_inference as infer
+        from components.predict import CaptionOptions, generation_config
 
+        fields = {f.name for f in dataclasses.fields(CaptionOptions)}
+        options = CaptionOptions(**{k: v for k, v in self.options.items() if k in fields})
         images = self._images(model_input["image"])
-        text = self.model.config.text
-        prompt = self.options.get("prompt", "a picture of ")
-        ids = self.tokenizer.encode(prompt).ids[:-1]  # [CLS] prompt (no [SEP])
-        ids[0] = text.bos_token_id  # the decoder starts from [DEC]
-        prompt_ids = torch.tensor([ids] * images.shape[0], dtype=torch.long)  # (B, T)
-        cfg = GenerationConfig(decoding="beam", num_beams=int(self.options.get("num_beams", 3)),
-                               max_new_tokens=int(self.options.get("max_new_tokens", 20)),
-                               eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
-        with torch.no_grad():
-            out = generate(self.model.step_decoder(), prompt_ids, self.model.encode_image(images), cfg)
-        rows = decode_batch(out.new_tokens, text.sep_token_id, text.pad_token_id)
-        captions = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+        # nucleus draws from a generator per image, seeded by (seed, the image's bytes)
+        seeds = [infer.image_seed(options.seed, hashlib.sha256(bytes(raw)).hexdigest())
+                 for raw in model_input["image"]]
+        with torch.inference_mode():
+            captions = infer.caption(self.loaded, images, generation_config(self.loaded, options),
+                                     options.prompt, seeds)
         return pd.DataFrame({"caption": captions})
 
 
@@ -95,13 +88,12 @@ class MatchModel(_CapfiltModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
-        from components.text import pre_caption
+        from components import batch_inference as infer
+        from components.predict import MAX_WORDS, text_input
 
         images = self._images(model_input["image"])
-        max_words = int(self.options.get("max_words", 30))
-        texts = [torch.tensor(self.tokenizer.encode(pre_caption(str(t), max_words)).ids, dtype=torch.long)
-                 for t in model_input["text"]]
-        with torch.no_grad():
-            embeds = self.model.encode_image(images)  # (B, 1+N, Dv)
-            scores = self.model.itm_scores(embeds, texts, None, torch.arange(len(texts)))
-        return pd.DataFrame({"score": scores.double().numpy()})
+        texts = [str(t) for t in model_input["text"]]
+        cfg = text_input(self.loaded.model, int(self.options.get("max_words", MAX_WORDS)))
+        with torch.inference_mode():
+            itm, _ = infer.score_texts(self.loaded, images, texts, torch.arange(len(texts)), cfg)
+        return pd.DataFrame({"score": pd.Series(itm, dtype="float64")})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ VALUE_TAG = "promotion_value"
 _REQUIREMENTS = ("torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors",
                  "pillow", "pandas", "numpy", "pydantic", "pyyaml", "mlflow")
 _CODE = ("components", "models", "flows")
+EXAMPLE_TEXT = "a grey square"
 
 
 def signature(kind: str) -> Any:
@@ -43,6 +45,22 @@ def signature(kind: str) -> Any:
                           Schema([ColSpec("double", "score")]))
 
 
+def input_example(kind: str, image_size: int) -> Any:
+    """One row the signature takes, cheap to score: a solid grey PNG of the model's image size
+    (and, for the matching models, a short text)."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (image_size, image_size), (128, 128, 128)).save(buf, format="PNG")
+    row: dict[str, list[Any]] = {"image": [buf.getvalue()]}
+    if kind != "captioner":
+        row["text"] = [EXAMPLE_TEXT]
+    return pd.DataFrame(row)
+
+
 def _requirements() -> list[str]:
     out = []
     for name in _REQUIREMENTS:
@@ -54,17 +72,22 @@ def _requirements() -> list[str]:
 
 
 def log_model(model_dir: Path, spec: RegisteredModel, options: dict[str, Any]) -> str:
-    """Log `model_dir` as a pyfunc in the active run; returns the model URI."""
+    """Log `model_dir` as a pyfunc in the active run, with a one-row input example (MLflow scores
+    it once at log time to check the model serves); returns the model URI."""
     import mlflow
 
+    from components.checkpoints import read_model_config
     from flows.pyfunc import CaptionerModel, MatchModel
 
     python_model = CaptionerModel() if spec.kind == "captioner" else MatchModel(spec.kind)
     code_root = Path(__file__).resolve().parents[1]
-    info = mlflow.pyfunc.log_model(
-        name=spec.kind, python_model=python_model, artifacts={"model_dir": str(model_dir)},
-        signature=signature(spec.kind), model_config=options, pip_requirements=_requirements(),
-        code_paths=[str(code_root / c) for c in _CODE])
+    image_size = int(read_model_config(model_dir)["vision"]["image_size"])
+    with warnings.catch_warnings():  # MLflow 3.17 compares the example's columns with a range (pandas 3)
+        warnings.filterwarnings("ignore", "Operation with range is deprecated", module="mlflow")
+        info = mlflow.pyfunc.log_model(
+            name=spec.kind, python_model=python_model, artifacts={"model_dir": str(model_dir)},
+            signature=signature(spec.kind), input_example=input_example(spec.kind, image_size),
+            model_config=options, pip_requirements=_requirements(), code_paths=[str(code_root / c) for c in _CODE])
     return info.model_uri
 
 

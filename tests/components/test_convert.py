@@ -214,11 +214,14 @@ def test_hf_retrieval_convert_match_export(tok_dir, images, tmp_path, capsys):
     assert [r["text"] for r in rows] == texts
     assert all(0.0 <= r["itm"] <= 1.0 and -1.0 <= r["itc"] <= 1.0 for r in rows)
     # the same numbers straight from transformers on the same pixels and ids
-    from components.predict import load_images, text_ids
+    from components.batch_inference import tokenize
+    from components.config import TextInput
+    from components.predict import load_images
 
     tok = load_tokenizer(tok_dir)
     pixels = load_images([images[0]], 32)
-    for row, ids in zip(rows, text_ids(tok, texts, tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"), 40)):
+    padded, mask = tokenize(tok, texts, TextInput(max_tokens=40), torch.device("cpu"))  # (M, T)
+    for row, ids in zip(rows, [i[m.bool()] for i, m in zip(padded, mask)]):
         enc = ids.clone()
         enc[0] = tok.token_to_id("[ENC]")
         with torch.no_grad():

@@ -1,8 +1,10 @@
-"""Model registry: pyfunc logging with a signature, registration, champion promotion by metric and
-margin, `capfilt promote` by hand, and a promoted captioner that loads by alias and captions."""
+"""Model registry: pyfunc logging with a signature and a scoring input example, registration,
+champion promotion by metric and margin, `capfilt promote` by hand, and a promoted captioner that
+loads by alias and captions."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from PIL import Image
 
 from components.config import PromoteConfig, load_params
 from components.errors import CapfiltError
@@ -85,6 +88,17 @@ def test_register_promote_and_caption_from_champion(tmp_path, mlflow_store, monk
     model = mlflow.pyfunc.load_model("models:/capfilt-captioner@champion")
     inputs = model.metadata.get_input_schema().input_names()
     assert inputs == ["image"]
+    # each version carries a one-row input example at the model's image size, and it scores
+    for uri, columns, output in (("models:/capfilt-captioner@champion", ["image"], "caption"),
+                                 ("models:/capfilt-filter@champion", ["image", "text"], "score"),
+                                 ("models:/capfilt-blip@champion", ["image", "text"], "score")):
+        logged = mlflow.pyfunc.load_model(uri)
+        assert logged.metadata.saved_input_example_info["artifact_path"] == "input_example.json"
+        example = logged.input_example
+        assert list(example.columns) == columns and len(example) == 1
+        assert Image.open(io.BytesIO(example.image[0])).size == (TINY["vision.image_size"],) * 2
+        out = logged.predict(example)
+        assert list(out.columns) == [output] and out.shape == (1, 1)
     out = model.predict(pd.DataFrame({"image": [_png(), _png()]}))
     assert list(out.columns) == ["caption"] and len(out) == 2 and all(isinstance(c, str) for c in out.caption)
 

@@ -57,6 +57,7 @@ class SynthConfig(Section):
     max_objects: int = Field(3, ge=1, le=4)  # one object per quadrant at most
     duplicate_prob: float = Field(0.2, ge=0, le=1)  # an object repeats an earlier one: "two ..."
     jitter: int = Field(1, ge=0, le=16)  # max pixels an object moves off its quadrant's centre
+    backgrounds: list[Literal["black", "grey", "white"]] = Field(default_factory=lambda: ["black"], min_length=1)  # one per scene, uniformly
     noise: NoiseMix = NoiseMix()
 
 
@@ -346,6 +347,8 @@ class BootstrapConfig(Section):
     merge_timeout_s: int = Field(3600, ge=1)  # rank 0 waits this long for other ranks' parts
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / ranks
     text: TextInput = TextInput()  # how the filter tokenises web and synthetic texts
+    rounds: int = Field(1, ge=1)  # bootstrap rounds; > 1 adds rounds 3.. in the rounds stage
+    rounds_out: str = "outputs/rounds"  # the rounds stage: metrics.json, extra/round<k>/
 
 
 class EvaluateConfig(Section):
@@ -372,6 +375,9 @@ class EvaluateConfig(Section):
     grid_images: int = Field(24, ge=0)  # web images shown in report.html
     threads: int = Field(0, ge=0)  # torch threads; 0 = all cores
     text: TextInput = TextInput(max_tokens=35)  # BLIP retrieval eval: max_length 35
+    ablation: bool = False  # the ablation stage trains the captioner-only and filter-only corpora
+    ablation_out: str = "outputs/ablation"  # the ablation stage: metrics.json, variants/<variant>/
+    rounds_out: str = "outputs/rounds"  # the rounds stage's outputs (bootstrap.rounds_out)
 
 
 # --- the root ---------------------------------------------------------------------------------

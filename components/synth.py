@@ -126,7 +126,7 @@ def _draw_split(
     scenes: list[Scene] = []
     for i in range(n):
         scene = sample_scene(
-            rng, cfg.image_size, cfg.max_objects, cfg.duplicate_prob, cfg.jitter
+            rng, cfg.image_size, cfg.max_objects, cfg.duplicate_prob, cfg.jitter, cfg.backgrounds
         )
         image_id = f"{split}_{i:06d}"
         draw_scene(scene, cfg.image_size).save(

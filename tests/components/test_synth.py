@@ -121,6 +121,19 @@ def test_objects_stay_in_their_quadrant():
             assert row * 32 < o.y and o.y + o.extent < (row + 1) * 32
 
 
+def test_backgrounds_are_drawn_from_the_configured_set():
+    rng = np.random.default_rng(0)
+    seen = {sample_scene(rng, 64, 3, 0.2, jitter=1, backgrounds=["grey", "white"]).background
+            for _ in range(200)}
+    assert seen == {"grey", "white"}
+    only = {sample_scene(rng, 64, 3, 0.2, jitter=1, backgrounds=["black"]).background for _ in range(50)}
+    assert only == {"black"}
+    with pytest.raises(CapfiltError, match="backgrounds"):
+        parse_params({"synth": {"backgrounds": ["pink"]}})
+    with pytest.raises(CapfiltError, match="backgrounds"):
+        parse_params({"synth": {"backgrounds": []}})
+
+
 def test_shapes_have_distinct_silhouettes():
     masks = {}
     for shape in SHAPES:

@@ -12,6 +12,8 @@ in [0, 1] (CIDEr is unbounded). Filter quality reads the bootstrap outputs and `
 AUROC of web-text ITM scores for clean (`correct`) vs noisy texts, precision and recall of
 removal (noise = positive), kept fractions per noise kind, and the share of kept synthetic
 captions that are not exactly right. Outputs: metrics.json, plots, report.html (components/report.py).
+With `ablation: true` metrics.json also gets `ablation` (none = round 1, captioner, filter, both =
+round 2; components/ablation.py), and `rounds` holds rounds 3.. when the rounds stage ran them.
 """
 
 from __future__ import annotations
@@ -226,16 +228,77 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def test_set(cfg: EvaluateConfig) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """The test manifest and, on the embedded corpus, its ground-truth scenes (else None)."""
+    from components.synth_score import load_scenes
+
+    test = read_manifest(Path(cfg.test_manifest), "ingested")
+    if cfg.test_scenes is not None and (Path(cfg.test_scenes) / "scenes.jsonl").is_file():
+        return test, load_scenes(Path(cfg.test_scenes))
+    return test, None
+
+
+def evaluate_models(cfg: EvaluateConfig, models: dict[str, tuple[Path, Path]]) -> dict[str, dict[str, float]]:
+    """`evaluate_round` for each name -> (captioner dir, filter dir) (the ablation and rounds stages)."""
+    torch.set_num_threads(cfg.threads or (os.cpu_count() or 1))
+    dev = device()
+    test, scenes = test_set(cfg)
+    out = {}
+    for name, (cap_dir, filt_dir) in models.items():
+        out[name], _ = evaluate_round(cfg, test, scenes, str(cap_dir), str(filt_dir), dev)
+        log.info("%s: %s", name, ", ".join(f"{k} {out[name][k]:.3f}" for k in HEADLINE if out[name].get(k) is not None))
+    return _finite(out)
+
+
+def bootstrap_quality(cfg: EvaluateConfig, bootstrap_dir: Path) -> dict[str, Any] | None:
+    """The filter quality (as metrics["filter"]) of another bootstrap output; None without truth."""
+    from components.synth_score import load_scenes
+
+    truth = _truth(cfg)
+    if truth is None:
+        return None
+    decisions = web_decisions(cfg.model_copy(update={"bootstrap": str(bootstrap_dir)}))
+    quality = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
+    return _finite({**quality, "itm_threshold": _bootstrap_threshold(Path(bootstrap_dir))})
+
+
+def _stage_metrics(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise CapfiltError(f"{path}: not valid JSON ({exc}); run its stage again") from None
+
+
+def ablation_rows(cfg: EvaluateConfig, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The ablation table (none = round 1, captioner, filter, both = round 2) when it was run."""
+    if not cfg.ablation:
+        return None
+    path = Path(cfg.ablation_out) / "metrics.json"
+    ablation = _stage_metrics(path)
+    if ablation is None or not ablation.get("enabled"):
+        raise CapfiltError(f"{path}: no ablation results; run the ablation stage with evaluate.ablation: true")
+    runs = {"none": metrics["round1"], **ablation["variants"], "both": metrics["round2"]}
+    corpus = ablation.get("corpus", {})
+    return {name: {**{k: m.get(k) for k in HEADLINE}, "pairs": corpus.get(name, {})} for name, m in runs.items()}
+
+
+def extra_rounds(cfg: EvaluateConfig) -> dict[str, Any] | None:
+    """Round 3, 4, ... test metrics from the rounds stage, when it ran more than one round."""
+    rounds = _stage_metrics(Path(cfg.rounds_out) / "metrics.json")
+    if rounds is None or rounds.get("rounds", 1) <= 1:
+        return None
+    return rounds["test"]
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """`capfilt stage evaluate`: metrics.json, plots and report.html under `cfg.out`."""
     from components.synth_score import load_scenes
 
     torch.set_num_threads(cfg.threads or (os.cpu_count() or 1))
     dev = device()
-    test = read_manifest(Path(cfg.test_manifest), "ingested")
-    scenes = None
-    if cfg.test_scenes is not None and (Path(cfg.test_scenes) / "scenes.jsonl").is_file():
-        scenes = load_scenes(Path(cfg.test_scenes))
+    test, scenes = test_set(cfg)
     metrics: dict[str, Any] = {}
     captions = {}
     for name, cap_dir, filt_dir in (("round1", cfg.round1_captioner, cfg.round1_filter),
@@ -250,6 +313,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         if truth is not None:
             metrics["filter"] = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
             metrics["filter"]["itm_threshold"] = _bootstrap_threshold(Path(cfg.bootstrap))
+    for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg))):
+        if extra is not None:
+            metrics[key] = extra
     out = Path(cfg.out)
     write_json(out / "metrics.json", _finite(metrics))
     report.write_outputs(out, metrics, decisions, truth, Path(cfg.bootstrap), cfg.grid_images, captions)

@@ -5,7 +5,8 @@
 ground truth is known). `report.html` is one self-contained page: inline CSS, every image a
 base64 PNG, no script or external resource. It shows the headline table, the filter's quality,
 both plots, and a grid of web images with their web text (struck through when the filter removed
-it), their synthetic caption(s), scores and, when known, the noise kind.
+it), their synthetic caption(s), scores and, when known, the noise kind. Rounds 3.. (the rounds
+stage) become extra columns and bars; the CapFilt ablation, when run, a table and a bar chart.
 """
 
 from __future__ import annotations
@@ -42,10 +43,25 @@ def _fmt(value: Any) -> str:
 
 
 def rounds_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """metric, round1, round2, gain for the headline metrics present."""
-    rows = [(k, metrics["round1"][k], metrics["round2"][k], metrics["gain"][k])
+    """metric, round1, round2 (round3, ... from the rounds stage), gain for the headline metrics present."""
+    extra = metrics.get("rounds", {})
+    rows = [(k, metrics["round1"][k], metrics["round2"][k], *(m.get(k) for m in extra.values()),
+             metrics["gain"][k])
             for k in HEADLINE if metrics["round1"].get(k) is not None and metrics["round2"].get(k) is not None]
-    return pd.DataFrame(rows, columns=["metric", "round1", "round2", "gain"])
+    return pd.DataFrame(rows, columns=["metric", "round1", "round2", *extra, "gain"])
+
+
+ABLATION_LABELS = {"none": "no CapFilt (round 1)", "captioner": "captioner only", "filter": "filter only",
+                   "both": "captioner + filter (round 2)"}
+
+
+def ablation_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """One row per ablation variant: pre-training pairs by source, then the headline metrics present."""
+    runs = metrics["ablation"]
+    keys = [k for k in HEADLINE if all(m.get(k) is not None for m in runs.values())]
+    rows = [(ABLATION_LABELS.get(name, name), *(m.get("pairs", {}).get(s) for s in ("human", "web", "synthetic")),
+             *(m[k] for k in keys)) for name, m in runs.items()]
+    return pd.DataFrame(rows, columns=["variant", "human", "web", "synthetic", *keys])
 
 
 def itm_histogram(web: pd.DataFrame) -> pd.DataFrame:
@@ -64,22 +80,38 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plot_rounds(table: pd.DataFrame) -> bytes:
+def plot_bars(metrics: list[str], series: dict[str, list[float]], title: str) -> bytes:
+    """Grouped bars: one group per metric, one bar per series (label -> a value per metric)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    x = np.arange(len(table))
-    ax.bar(x - 0.2, table["round1"], 0.4, label="round 1 (noisy web)")
-    ax.bar(x + 0.2, table["round2"], 0.4, label="round 2 (bootstrapped)")
-    ax.set_xticks(x, table["metric"], rotation=30, ha="right")
-    ax.set_title("test set: round 1 vs round 2")
+    x = np.arange(len(metrics))
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(x, metrics, rotation=30, ha="right")
+    ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     data = _png(fig)
     plt.close(fig)
     return data
+
+
+def plot_rounds(table: pd.DataFrame) -> bytes:
+    rounds = [c for c in table.columns if c.startswith("round")]
+    labels = {"round1": "round 1 (noisy web)", "round2": "round 2 (bootstrapped)"}
+    series = {labels.get(r, f"round {r[5:]}"): table[r].tolist() for r in rounds}
+    title = "test set: " + " vs ".join(f"round {r[5:]}" for r in rounds)
+    return plot_bars(table["metric"].tolist(), series, title)
+
+
+def plot_ablation(table: pd.DataFrame) -> bytes:
+    keys = [c for c in table.columns if c in HEADLINE]
+    series = {row["variant"]: [row[k] for k in keys] for _, row in table.iterrows()}
+    return plot_bars(keys, series, "CapFilt ablation: test set after pre-training on each corpus")
 
 
 def plot_histogram(hist: pd.DataFrame, threshold: float | None) -> bytes:
@@ -163,6 +195,9 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>capfilt evaluation</title>",
              f"<style>{_CSS}</style></head><body><h1>capfilt: round 1 vs round 2</h1>",
              _table(rounds_table(metrics))]
+    if "ablation" in metrics:
+        parts += ["<h2>CapFilt ablation (pre-training pairs by source; test metrics)</h2>",
+                  _table(ablation_table(metrics))]
     if "filter" in metrics:
         parts += ["<h2>Filter vs web ground truth</h2>", _table(_filter_table(metrics["filter"]))]
     imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
@@ -192,4 +227,6 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
         grid = grid_html(decisions, pick_grid(web, grid_images), bootstrap_root)
     for name, data in pngs.items():
         atomic.write_bytes(out / "plots" / f"{name}.png", data)
+    if "ablation" in metrics:  # only in the page: the plots/ files are the stage's declared outputs
+        pngs["ablation"] = plot_ablation(ablation_table(metrics))
     atomic.write_bytes(out / "report.html", render_html(metrics, pngs, grid).encode())

@@ -51,6 +51,18 @@ def _bootstrap(params: Params) -> None:
     bootstrap.run(params.bootstrap, params.validation)
 
 
+def _rounds(params: Params) -> None:
+    from components import rounds
+
+    rounds.run(params)
+
+
+def _ablation(params: Params) -> None:
+    from components import ablation
+
+    ablation.run(params)
+
+
 def _evaluate(params: Params) -> None:
     from components import evaluate
 
@@ -73,6 +85,8 @@ STAGES: dict[str, Callable[[Params], None]] = {
     "finetune2-captioner": _finetune("captioner", 2),
     "finetune2-filter": _finetune("filter", 2),
     "bootstrap": _bootstrap,
+    "rounds": _rounds,  # bootstrap.rounds > 1: rounds 3.. as subprocess chains of the stages above
+    "ablation": _ablation,  # evaluate.ablation: the captioner-only and filter-only corpora, likewise
     "evaluate": _evaluate,
 }
 

@@ -145,8 +145,10 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
         return {"status": "dry-run", "stages": rows, "rounds": [], "kept": {}}
     uri = tracking.configure(base, params.tracking)
     exp_id = tracking.experiment_id(base, params.tracking.experiment)
+    tracking.close_orphans(exp_id)
     parent = tracking.start_run(exp_id, "pipeline", {"prefect_flow_run_id": _flow_run_id(),
-                                                     "stages": ",".join(s.name for s in specs)})
+                                                     "stages": ",".join(s.name for s in specs),
+                                                     **tracking.owner_tags()})
     tracking.log_params(parent, {"force": str(force), "stages": ",".join(s.name for s in specs),
                                  **{f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides or []}})
     ctx = {"parent_run_id": parent, "mlflow_uri": uri, "mlflow_link": tracking.run_link(uri, exp_id, parent),

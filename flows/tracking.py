@@ -34,6 +34,7 @@ from flows.dvc_graph import StageSpec
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+HOST_TAG, PID_TAG = "capfilt.host", "capfilt.pid"  # who runs a pipeline parent run
 _SECRET = re.compile(r"(secret|password|passwd|access_key|credential|api_key)", re.IGNORECASE)
 _BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. /]")
 _REPORT_SUFFIXES = {".html", ".png", ".svg"}
@@ -178,6 +179,51 @@ def start_run(exp_id: str, name: str, tags: Mapping[str, str], parent: str | Non
 
     all_tags = dict(tags) | ({PARENT_TAG: parent} if parent else {})
     return MlflowClient().create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process, so a later run can tell an orphaned parent run (see below)."""
+    import socket
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def close_orphans(exp_id: str) -> list[str]:
+    """Mark RUNNING runs whose owning process on this host is gone (killed flow) as KILLED.
+
+    A SIGKILLed `capfilt run` cannot end its MLflow runs; the next run on the same host ends
+    them, and their child stage runs, so the UI never shows a dead run as running. Runs started
+    elsewhere, or by a live process, are left alone. Returns the ids it ended.
+    """
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    client, host, ended = MlflowClient(), socket.gethostname(), []
+    running = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    owners = {r.info.run_id: r.data.tags for r in running}
+    for run_id, tags in owners.items():
+        pid = tags.get(PID_TAG)
+        if tags.get(HOST_TAG) == host and pid and pid.isdigit() and not _alive(int(pid)):
+            ended.append(run_id)
+    for run_id, tags in owners.items():  # children of an orphaned parent
+        if tags.get(PARENT_TAG) in ended[:] and run_id not in ended:
+            ended.append(run_id)
+    for run_id in ended:
+        client.set_terminated(run_id, "KILLED")
+    if ended:
+        log.warning("marked %d run(s) of a killed pipeline as KILLED", len(ended))
+    return ended
 
 
 def end_run(run_id: str, ok: bool) -> None:

@@ -75,3 +75,13 @@ def test_killed_flow_resumes_pretraining_on_the_next_run(mini_project: Path, mlf
     assert (out / "model/config.json").is_file() and (out / "model/model.safetensors").is_file()
     assert not (mini_project / "outputs/resume/pretrain").exists()  # a finished stage drops its checkpoints
     assert "pretrain" in (mini_project / "dvc.lock").read_text()
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(mlflow_store)
+    runs = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], max_results=100)
+    by_status = sorted((r.data.tags.get("mlflow.runName", ""), r.info.status) for r in runs)
+    assert ("pipeline", "KILLED") in by_status and ("pipeline", "FINISHED") in by_status, by_status
+    assert all(status != "RUNNING" for _, status in by_status), by_status  # the killed run was closed

@@ -15,8 +15,8 @@ Colours are saturated and far apart in RGB, and visible on every background (bla
 white). The background is a nuisance variable and is never mentioned in text; the default world
 uses black only (`synth.backgrounds`): with three backgrounds, the image features of a
 from-scratch ViT are dominated by the background, which no caption mentions, and image-text
-contrastive learning sat at chance (in-batch loss ln 32) for ~300 steps, against ~50 steps on
-one background (measured with the tiny preset, batch 32, lr 5e-4). Drawing uses
+contrastive learning sat at chance (in-batch loss ln 32) for ~300 steps; with each image's
+background subtracted it left chance within 50–100 steps (tiny preset, batch 32, lr 5e-4). Drawing uses
 Pillow's non-antialiased primitives on integer coordinates, so pixels depend only on the seed.
 """
 

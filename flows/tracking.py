@@ -209,16 +209,14 @@ def close_orphans(exp_id: str) -> list[str]:
 
     from mlflow.tracking import MlflowClient
 
-    client, host, ended = MlflowClient(), socket.gethostname(), []
+    client, host = MlflowClient(), socket.gethostname()
     running = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
     owners = {r.info.run_id: r.data.tags for r in running}
-    for run_id, tags in owners.items():
-        pid = tags.get(PID_TAG)
-        if tags.get(HOST_TAG) == host and pid and pid.isdigit() and not _alive(int(pid)):
-            ended.append(run_id)
-    for run_id, tags in owners.items():  # children of an orphaned parent
-        if tags.get(PARENT_TAG) in ended[:] and run_id not in ended:
-            ended.append(run_id)
+    orphans = {run_id for run_id, tags in owners.items()
+               if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit()
+               and not _alive(int(tags[PID_TAG]))}
+    children = {run_id for run_id, tags in owners.items() if tags.get(PARENT_TAG) in orphans}
+    ended = sorted(orphans | children)
     for run_id in ended:
         client.set_terminated(run_id, "KILLED")
     if ended:

@@ -183,14 +183,44 @@ def _scalar_safe_broadcast() -> Iterator[None]:
         DeepSpeedEngine._broadcast_model = original
 
 
+def _lift_scalars(model: nn.Module) -> None:
+    """ZeRO-3 cannot partition 0-dim parameters (BLIP's ITC temperature): make them shape (1,),
+    which broadcasts the same; `_full_state` gives them back their scalar shape on export."""
+    lifted = []
+    for name, p in list(model.named_parameters()):
+        if p.dim() == 0:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            setattr(module, leaf, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
+            lifted.append(name)
+    model.capfilt_lifted_scalars = tuple(lifted)
+
+
+def _momentum_step(module: nn.Module, cfg: TrainConfig) -> None:
+    """The model's temperature clamp + momentum EMA (see `BlipEncoderBase.momentum_step`), run
+    before each forward. Under ZeRO-3 the parameters it touches are gathered first and rank 0's
+    result (every rank computes the same) is partitioned back."""
+    step = getattr(module, "momentum_step", None)
+    if step is None:
+        return
+    if cfg.zero_stage != 3:
+        step()
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(module.momentum_parameters(), modifier_rank=0):
+        step()
+
+
 def _build_engine(cfg: TrainConfig, schedule: ScheduleConfig, build_model: BuildModel, info: D.RankInfo):
     import deepspeed
 
     seed_everything(cfg.seed)  # the same initial weights and buffers on every rank
     model = build_model(D.make_gathers(info.world_size))
-    if cfg.zero_stage == 3 and any(p.dim() == 0 for p in model.parameters()):
-        raise CapfiltError("train.zero_stage 3: DeepSpeed cannot partition the model's 0-dim "
-                           "parameters (e.g. the ITC temperature); use zero_stage 0, 1 or 2")
+    if hasattr(model, "momentum_step"):
+        model.momentum_in_forward = False  # the loop calls it, gathered under ZeRO-3 (`_momentum_step`)
+    if cfg.zero_stage == 3:
+        _lift_scalars(model)
     precision = resolve_precision(cfg.precision)
     if precision in _HALF:  # buffers too (ITC queues): DeepSpeed converts parameters only
         model = model.to(_HALF[precision])
@@ -251,6 +281,7 @@ def _one_step(engine: Any, stream: _Stream, objective: Objective, step: int, cfg
     clip, dtype = loop_clips(cfg, precision), _HALF.get(precision)
     for _ in range(cfg.grad_accum):
         batch = _to_device(stream.next(), engine.device, dtype)
+        _momentum_step(engine.module, cfg)
         loss, parts = objective(engine, batch, step)
         if not _all_finite(loss, world):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
@@ -273,6 +304,8 @@ def _full_state(engine: Any, cfg: TrainConfig, rank: int) -> dict[str, torch.Ten
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        for name in getattr(module, "capfilt_lifted_scalars", ()):
+            state[name] = state[name].reshape(())
     else:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     return state if rank == 0 else {}

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from models.config import BlipConfig
 from models.kv_cache import ImageKV
-from models.losses import hard_negative_weights, itm_labels, itm_loss, sample_negatives
+from models.losses import hard_negative_weights, itm_labels, itm_loss, momentum_update, sample_negatives
 from models.med import TextTransformer
 from models.vit import build_vit
 
@@ -101,6 +101,10 @@ class BlipEncoderBase(nn.Module):
         self.temp = nn.Parameter(torch.tensor(config.temp))
         self.gather: Gather = identity
         self.gather_with_grad: Gather = identity
+        # BLIP clamps the temperature and moves the momentum copies at the start of each forward.
+        # A training loop that must do it outside forward (ZeRO-3 gathers the parameters first)
+        # sets this False and calls `momentum_step` itself before each forward: same arithmetic.
+        self.momentum_in_forward = True
 
     def _build_momentum(self) -> None:
         """Momentum copies and queues; call after any weight tying of the online modules."""
@@ -118,6 +122,18 @@ class BlipEncoderBase(nn.Module):
         """(online, momentum) module pairs updated by the EMA."""
         return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+
+    def momentum_step(self) -> None:
+        """Clamp the temperature, then one EMA step of the momentum copies towards the online ones."""
+        self.clamp_temp()
+        momentum_update(self.momentum_pairs(), self.config.momentum)
+
+    def momentum_parameters(self) -> list[nn.Parameter]:
+        """Every parameter `momentum_step` reads or writes (for callers that gather them first)."""
+        params = [self.temp]
+        for online, ema in self.momentum_pairs():
+            params += list(online.parameters()) + list(ema.parameters())
+        return params
 
     def clamp_temp(self) -> None:
         """Keep the learned temperature in [0.001, 0.5] (in place, as BLIP)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from models.blip_base import BlipEncoderBase, load_subset, with_first_token
 from models.config import BlipConfig
-from models.losses import dequeue_and_enqueue, image_id_targets, itc_loss, momentum_update
+from models.losses import dequeue_and_enqueue, image_id_targets, itc_loss
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,21 @@ class BlipFilter(BlipEncoderBase):
                 alpha: float, generator: torch.Generator | None = None) -> FilterOutput:
         """image (B, 3, H, W); input_ids (B, T) `[CLS] ...`; attention_mask (B, T); image_ids (B,)."""
         cfg = self.config.text
-        self.clamp_temp()
+        if self.momentum_in_forward:
+            self.momentum_step()  # temperature clamp + EMA before this step's momentum forward
         image_embeds = self.visual_encoder(image)  # (B, 1+N, Dv)
         image_feat = self.image_features(image_embeds)
         text_ids = with_first_token(input_ids, cfg.cls_token_id)
         text_hidden = self.text_encoder(text_ids, attention_mask, mode="text")
         text_feat = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
 
-        momentum_update(self.momentum_pairs(), self.config.momentum)
         image_feat_m, text_feat_m = self.momentum_features(image, text_ids, attention_mask)
         image_ids = image_ids.view(-1).to(device=image.device, dtype=torch.long)
         targets = image_id_targets(image_ids, self.idx_queue)
+        # A copy of temp: autograd then keeps no reference to the parameter, which ZeRO-3 frees
+        # after forward (it cannot hook this dataclass output to fetch it back for backward).
         loss_itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                            self.text_queue, self.temp, alpha, targets)
+                            self.text_queue, self.temp.clone(), alpha, targets)
         dequeue_and_enqueue(self.ptr_queue, [(self.image_queue, self.gather(image_feat_m)),
                                              (self.text_queue, self.gather(text_feat_m)),
                                              (self.idx_queue, self.gather(image_ids).view(-1, 1))])

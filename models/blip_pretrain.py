@@ -20,8 +20,7 @@ from torch import Tensor
 from models.blip_base import BlipEncoderBase, with_first_token
 from models.config import BlipConfig
 from models.kv_cache import ImageKV
-from models.losses import (dequeue_and_enqueue, diagonal_targets, itc_loss, lm_labels, lm_loss,
-                           momentum_update)
+from models.losses import dequeue_and_enqueue, diagonal_targets, itc_loss, lm_labels, lm_loss
 from models.med import TextDecoder, TextTransformer
 
 ITM_EPS = 1e-4  # added to the pre-training sampling weights after the softmax (BLIP)
@@ -67,20 +66,21 @@ class BlipPretrain(BlipEncoderBase):
         when given, keeps captions of the same image from being drawn as ITM negatives.
         """
         cfg = self.config.text
-        self.clamp_temp()
+        if self.momentum_in_forward:
+            self.momentum_step()  # temperature clamp + EMA before this step's momentum forward
         image_embeds = self.visual_encoder(image)  # (B, 1+N, Dv)
         image_feat = self.image_features(image_embeds)  # (B, E)
         text_ids = with_first_token(input_ids, cfg.cls_token_id)
         text_hidden = self.text_encoder(text_ids, attention_mask, mode="text")
         text_feat = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E)
 
-        # EMA first, then the momentum forward of the same step (BLIP order).
-        momentum_update(self.momentum_pairs(), self.config.momentum)
         image_feat_m, text_feat_m = self.momentum_features(image, text_ids, attention_mask)
         batch = image.shape[0]
         targets = diagonal_targets(batch, self.config.queue_size, image.device)
+        # A copy of temp: autograd then keeps no reference to the parameter, which ZeRO-3 frees
+        # after forward (it cannot hook this dataclass output to fetch it back for backward).
         loss_itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                            self.text_queue, self.temp, alpha, targets)
+                            self.text_queue, self.temp.clone(), alpha, targets)
         dequeue_and_enqueue(self.queue_ptr, [(self.image_queue, self.gather(image_feat_m)),
                                              (self.text_queue, self.gather(text_feat_m))])
 

@@ -114,6 +114,19 @@ class AugmentConfig(Section):
     randaugment: bool = True  # RandAugment, 2 ops at magnitude 5
 
 
+class TextAugmentConfig(Section):
+    """Partial-caption augmentation for the filter fine-tune (not in BLIP's recipe; off unless set).
+
+    Human captions describe a whole image, web alt-texts only part of it; an ITM head that only
+    ever saw whole descriptions as positives scores true-but-partial texts as mismatches. With
+    probability `partial` a training caption is cut to a random non-empty subset of its clauses
+    (split at commas, "and", "with"), then each word is dropped with probability `word_drop`
+    (at least one word stays). Language-agnostic enough for real captions; seeded per sample."""
+
+    partial: float = Field(0.0, ge=0, le=1)  # share of captions replaced by a partial one
+    word_drop: float = Field(0.15, ge=0, lt=1)  # per-word drop rate inside a partial caption
+
+
 class TextInput(Section):
     """How captions become token ids (BLIP's pre_caption + the trained WordPiece tokenizer)."""
 
@@ -160,6 +173,7 @@ class FilterTune(Section):
     alpha_ramp_steps: int = Field(100, ge=0)
     text: TextInput = TextInput()
     augment: AugmentConfig = AugmentConfig()
+    text_augment: TextAugmentConfig = TextAugmentConfig()
 
 
 class FinetuneConfig(Section):

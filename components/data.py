@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from components.config import AugmentConfig, TextInput
+from components.config import AugmentConfig, TextAugmentConfig, TextInput
 from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.shards import ShardReader
-from components.text import pre_caption
+from components.text import partial_caption, pre_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,9 +142,10 @@ class ManifestBatches(IterableDataset):
     def __init__(self, pairs: Pairs, tokenizer: object, text: TextInput, augment: AugmentConfig,
                  image_size: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                 prompt: str = "") -> None:
+                 prompt: str = "", text_augment: TextAugmentConfig | None = None) -> None:
         super().__init__()
         self.pairs, self.tokenizer, self.text, self.prompt = pairs, tokenizer, text, prompt
+        self.text_augment = text_augment or TextAugmentConfig()
         self.transform = build_transform(image_size, augment)
         self.augment = augment.enabled
         self.micro, self.rank, self.world = micro_batch, rank, world_size
@@ -188,9 +189,18 @@ class ManifestBatches(IterableDataset):
             torch.manual_seed(_sample_seed(self.seed, self.epoch, int(row)))
             return self.transform(image)
 
+    def _caption(self, row: int) -> str:
+        caption, aug = self.pairs.caption[row], self.text_augment
+        if aug.partial <= 0:
+            return caption
+        rng = np.random.default_rng(_sample_seed(self.seed + 1, self.epoch, row))  # resume-stable
+        if rng.random() >= aug.partial:
+            return caption
+        return partial_caption(caption, rng, aug.word_drop)
+
     def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
         images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)
-        texts = [self.prompt + pre_caption(self.pairs.caption[int(r)], self.text.max_words) for r in rows]
+        texts = [self.prompt + pre_caption(self._caption(int(r)), self.text.max_words) for r in rows]
         encoded = self.tokenizer.encode_batch(texts)
         length = min(self.text.max_tokens, max(len(e.ids) for e in encoded))
         ids = torch.zeros(len(rows), length, dtype=torch.long)  # [PAD] = 0

@@ -16,6 +16,8 @@ import math
 import re
 import unicodedata
 
+import numpy as np
+
 from components.reasons import EMPTY_CAPTION, INVALID_UTF8, NON_STRING_CAPTION
 
 
@@ -74,3 +76,18 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     if len(words) > max_words:
         text = " ".join(words[:max_words])
     return text
+
+
+_CLAUSE_BREAK = re.compile(r"\s*,\s*|\s+and\s+|\s+with\s+")
+
+
+def partial_caption(caption: str, rng: np.random.Generator, word_drop: float) -> str:
+    """A random non-empty subset of the caption's clauses (split at commas, "and", "with"), in
+    order, then each word dropped with probability `word_drop`; never empty."""
+    clauses = [c for c in _CLAUSE_BREAK.split(caption.strip()) if c]
+    if not clauses:
+        return caption
+    keep = [c for c in clauses if rng.random() < 0.5] or [clauses[int(rng.integers(len(clauses)))]]
+    words = " ".join(keep).split()
+    kept = [w for w in words if rng.random() >= word_drop]
+    return " ".join(kept or [words[int(rng.integers(len(words)))]])

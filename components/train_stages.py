@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from components import checkpoints as ckpt
-from components.config import AugmentConfig, Params, PretrainConfig, ScheduleConfig, TextInput
+from components.config import AugmentConfig, Params, PretrainConfig, ScheduleConfig, TextAugmentConfig, TextInput
 from components.data import Batch, ManifestBatches, load_pairs
 from components.distributed import Gathers, rank_info
 from components.errors import CapfiltError
@@ -90,6 +90,7 @@ class StageInputs:
     text: TextInput
     augment: AugmentConfig
     alpha_ramp_steps: int = 0
+    text_augment: TextAugmentConfig = TextAugmentConfig()
     prompt: str = ""
     init: Path | None = None  # an exported BlipPretrain directory; None = random init
 
@@ -157,7 +158,8 @@ def train_stage(params: Params, inputs: StageInputs, log_metrics: LogMetrics | N
     pairs = load_pairs(inputs.manifests)
     data = ManifestBatches(pairs, tokenizer, inputs.text, inputs.augment, config.vision.image_size,
                            params.train.micro_batch, info.rank, info.world_size, params.train.seed,
-                           params.train.shuffle_buffer, params.train.num_workers, inputs.prompt)
+                           params.train.shuffle_buffer, params.train.num_workers, inputs.prompt,
+                           inputs.text_augment)
     log.info("%s: %d training pairs, %d images, %d batches per epoch per rank", inputs.task,
              len(pairs), int(pairs.image_id.max()) + 1, data.batches_per_epoch())
     sources = [Path(m) for m in inputs.manifests] + [inputs.tokenizer_dir / TOKENIZER_FILE]
@@ -165,6 +167,7 @@ def train_stage(params: Params, inputs: StageInputs, log_metrics: LogMetrics | N
         sources.append(inputs.init / "model.safetensors")
     extra = json.dumps({"task": inputs.task, "model": to_dict(config), "text": inputs.text.model_dump(),
                         "augment": inputs.augment.model_dump(), "prompt": inputs.prompt,
+                        "text_augment": inputs.text_augment.model_dump(),
                         "ramp": inputs.alpha_ramp_steps, "data": _file_digest(sources)}, sort_keys=True)
     objective = TASKS[inputs.task][1](config.alpha, inputs.alpha_ramp_steps)
     result = run_training(params.train, inputs.schedule, _builder(inputs.task, config, inputs.init),
@@ -208,5 +211,6 @@ def run_finetune(params: Params, task: str, round_: int,
         task=task, manifests=[cfg.manifest], tokenizer_dir=init, out=out,
         resume_dir=Path(cfg.resume_dir) / f"finetune{round_}-{task}", schedule=tune.schedule,
         text=tune.text, augment=tune.augment, init=init,
-        alpha_ramp_steps=getattr(tune, "alpha_ramp_steps", 0), prompt=getattr(tune, "prompt", "")),
+        alpha_ramp_steps=getattr(tune, "alpha_ramp_steps", 0), prompt=getattr(tune, "prompt", ""),
+        text_augment=getattr(tune, "text_augment", TextAugmentConfig())),
         log_metrics)

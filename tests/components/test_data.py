@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from components.config import AugmentConfig, TextInput
+from components.config import AugmentConfig, TextAugmentConfig, TextInput
 from components.data import CLIP_MEAN, CLIP_STD, ManifestBatches, epoch_order, load_pairs
 from components.shards import ShardReader
 from components.errors import CapfiltError
+from components.text import partial_caption
 from components.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,10 +31,11 @@ def corpus(tmp_path_factory):
     return train, other, held, load_tokenizer(make_tokenizer(root / "tok"))
 
 
-def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prompt="", seed=0):
+def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prompt="", seed=0,
+            partial=0.0):
     return ManifestBatches(pairs, tok, TextInput(max_tokens=12), AugmentConfig(enabled=augment), 32,
                            micro, rank, world, seed=seed, shuffle_buffer=16, num_workers=workers,
-                           prompt=prompt)
+                           prompt=prompt, text_augment=TextAugmentConfig(partial=partial))
 
 
 def _all(source, epoch=0, skip=0):
@@ -107,6 +109,30 @@ def test_augmentation_is_switchable_and_reproducible(corpus):
     want = want / torch.tensor(CLIP_STD)[:, None, None]
     torch.testing.assert_close(plain[0], want, atol=0.05, rtol=0)
     assert not torch.equal(_all(_source(pairs, tok, augment=True), epoch=1)[0].image, aug1)
+
+
+def test_partial_captions_keep_words_in_order_and_never_come_out_empty():
+    rng = np.random.default_rng(0)
+    caption = "a large red ring at the top, two blue squares and a green bar with a small cross"
+    outs = [partial_caption(caption, rng, 0.15) for _ in range(200)]
+    for out in outs:
+        words, it = out.split(), iter(caption.replace(",", "").split())
+        assert words and all(w in it for w in words)  # a subsequence of the caption's words
+    assert len(set(outs)) > 50 and sum(len(o.split()) for o in outs) / 200 < 0.6 * len(caption.split())
+    assert partial_caption("ring", rng, 0.99) == "ring"
+
+
+def test_partial_caption_augmentation_is_seeded_and_switchable(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    plain = _all(_source(pairs, tok))
+    half = _all(_source(pairs, tok, partial=0.5))
+    again = _all(_source(pairs, tok, partial=0.5))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(half, again))  # resume-stable
+    rows = [(a.attention_mask.sum(1), b.attention_mask.sum(1)) for a, b in zip(plain, half)]
+    assert all(bool((h <= p).all()) for p, h in rows)  # a partial caption is never longer
+    changed = sum(int((h < p).sum()) for p, h in rows) / sum(len(p) for p, _ in rows)
+    assert 0.2 < changed < 0.6  # about half were cut (a cut may drop nothing from one clause)
+    assert all(torch.equal(a.image, b.image) and torch.equal(a.image_ids, b.image_ids) for a, b in zip(plain, half))
 
 
 def test_the_captioner_prompt_is_prepended_and_counted(corpus):

@@ -8,8 +8,10 @@ image keys/values across both texts, per-image seeded sampling); transformers ru
 `BlipForConditionalGeneration.generate` and two `BlipForImageTextRetrieval` forwards per batch.
 The transformers models have random weights (peaked LM head, as `benchmarks/caption.py` builds
 them) and are converted into capfilt with `models.convert`, so both sides run identical weights
-and configs. Runs alternate; the best of the rounds is kept. The last line is one JSON object
-with images/s of each side and `ratio` = capfilt / transformers.
+and configs. Runs alternate; the best of the rounds is kept. capfilt also runs with
+`bootstrap.precision: bf16` (bf16 autocast on the CPU too; transformers stays fp32, as a
+straightforward loop would). The last line is one JSON object with images/s of each side,
+`ratio` = capfilt (default precision) / transformers and `ratio_bf16`.
 Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--threads N]`.
 """
 
@@ -108,20 +110,30 @@ def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.
     with tempfile.TemporaryDirectory() as tmp:
         rows = web_shard(Path(tmp), n, size)
         cfg = BootstrapConfig(batch_size=batch, web_manifest=str(Path(tmp) / "manifest.parquet"))
-        models = Models(Loaded(our_cap, tok, "-", size), Loaded(our_itm, tok, "-", size),
-                        _generation(config), dev)
+        loaded = (Loaded(our_cap, tok, "-", size), Loaded(our_itm, tok, "-", size))
+        models = Models(*loaded, _generation(config), dev)  # precision auto: fp32 on CPU
+        models_bf16 = Models(*loaded, _generation(config), dev, "bf16")
         images = Images(Path(tmp))
-        ours = lambda: process_shard(rows["shard"].iloc[0], rows, cfg, models, images)  # noqa: E731
-        theirs = lambda: hf_loop(hf_cap, hf_itm, tok, rows, Path(tmp), size, batch, dev)  # noqa: E731
-        ours(), theirs()  # warm-up
-        t_ours, t_hf = [], []
-        for _ in range(rounds):
-            t_ours.append(_timed(ours, dev))
-            t_hf.append(_timed(theirs, dev))
+        shard = rows["shard"].iloc[0]
+        sides = {
+            "capfilt": lambda: process_shard(shard, rows, cfg, models, images),
+            "capfilt_bf16": lambda: process_shard(shard, rows, cfg, models_bf16, images),
+            "hf": lambda: hf_loop(hf_cap, hf_itm, tok, rows, Path(tmp), size, batch, dev),
+        }
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for fn in sides.values():
+            fn()  # warm-up
+        for _ in range(rounds):  # alternating, best of the rounds
+            for name, fn in sides.items():
+                times[name].append(_timed(fn, dev))
         images.close()
-    result = {"capfilt_img_s": n / min(t_ours), "hf_img_s": n / min(t_hf), "ratio": min(t_hf) / min(t_ours)}
+    best = {name: min(t) for name, t in times.items()}
+    result = {"capfilt_img_s": n / best["capfilt"], "capfilt_bf16_img_s": n / best["capfilt_bf16"],
+              "hf_img_s": n / best["hf"], "ratio": best["hf"] / best["capfilt"],
+              "ratio_bf16": best["hf"] / best["capfilt_bf16"]}
     print(f"{label:>14} {n} images, batch {batch}: capfilt {result['capfilt_img_s']:8.1f} img/s  "
-          f"transformers {result['hf_img_s']:8.1f} img/s  ratio {result['ratio']:.2f}x", flush=True)
+          f"(bf16 {result['capfilt_bf16_img_s']:8.1f})  transformers {result['hf_img_s']:8.1f} img/s  "
+          f"ratio {result['ratio']:.2f}x (bf16 {result['ratio_bf16']:.2f}x)", flush=True)
     return {label: result}
 
 
@@ -160,6 +172,7 @@ def main() -> None:
         summary["results"].update(bench(preset, args.quick, n if not args.quick else n // 2 * 2, batch,
                                         1 if args.quick else 3, dev))
     summary["ratio"] = min(r["ratio"] for r in summary["results"].values())
+    summary["ratio_bf16"] = min(r["ratio_bf16"] for r in summary["results"].values())
     print(json.dumps(summary))
 
 

@@ -54,10 +54,13 @@ def device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(dev: torch.device) -> AbstractContextManager[Any]:
-    """bf16 autocast on a GPU; plain fp32 on the CPU."""
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(dev: torch.device, precision: str = "auto") -> AbstractContextManager[Any]:
+    """Inference precision: `auto` = bf16 autocast on a GPU, plain fp32 on the CPU; `bf16` = bf16
+    autocast on either (worth it on CPUs with native bf16 matmuls: AVX512-BF16 or AMX); `fp32`."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise CapfiltError(f"unknown inference precision {precision!r}; use auto, fp32 or bf16")
+    if precision == "bf16" or (precision == "auto" and dev.type == "cuda"):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -49,6 +49,7 @@ class Models:
     filter: Loaded
     generation: GenerationConfig
     device: torch.device
+    precision: str = "auto"  # see `batch_inference.autocast`
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def _file_sha(path: Path) -> str:
 def fingerprint(cfg: BootstrapConfig, models: Models) -> str:
     """What a part depends on: checkpoints, web manifest, caption and text settings, seed."""
     keys = ("captions_per_image", "decoding", "top_p", "repetition_penalty", "num_beams",
-            "max_new_tokens", "min_new_tokens", "prompt", "seed")
+            "max_new_tokens", "min_new_tokens", "prompt", "seed", "precision")
     payload = {k: getattr(cfg, k) for k in keys}
     payload.update(text=cfg.text.model_dump(), captioner=models.captioner.digest,
                    filter=models.filter.digest, web=_file_sha(Path(cfg.web_manifest)))
@@ -103,7 +104,7 @@ def load_models(cfg: BootstrapConfig, dev: torch.device | None = None) -> Models
     gen = generation_config(captioner, cfg.decoding, cfg.captions_per_image, num_beams=cfg.num_beams,
                             top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
-    return Models(captioner, filt, gen, dev)
+    return Models(captioner, filt, gen, dev, cfg.precision)
 
 
 def part_path(parts_dir: Path, shard: str) -> Path:
@@ -119,7 +120,7 @@ def _batch_rows(batch: pd.DataFrame, shard: str, cfg: BootstrapConfig, models: M
     pil = images.load([shard] * len(members), members)
     dev, k = models.device, cfg.captions_per_image
     seeds = [image_seed(cfg.seed, shard, m) for m in members]
-    with torch.inference_mode(), autocast(dev):
+    with torch.inference_mode(), autocast(dev, models.precision):
         cap_in = images.tensor(pil, models.captioner.image_size, dev)
         synthetic = caption(models.captioner, cap_in, models.generation, cfg.prompt, seeds)
         filt_in = cap_in if models.filter.image_size == models.captioner.image_size else \

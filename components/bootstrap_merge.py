@@ -86,7 +86,7 @@ def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapC
             pil = images.load([s for s, _ in unique], [m for _, m in unique])
             where = {key: i for i, key in enumerate(unique)}
             index = torch.tensor([where[key] for key in keys], dtype=torch.long)
-            with torch.inference_mode(), autocast(models.device):
+            with torch.inference_mode(), autocast(models.device, models.precision):
                 tensor = images.tensor(pil, models.filter.image_size, models.device)
                 itm, _ = score_texts(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text)
             scores += itm

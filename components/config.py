@@ -357,6 +357,7 @@ class BootstrapConfig(Section):
     calibration_samples: int = Field(1000, ge=1)  # human pairs scored when there is no val split
     itc_threshold: float | None = Field(None, ge=-1, le=1)  # optional: also need cosine >= this
     batch_size: int = Field(64, ge=1)  # images per forward
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     seed: int = 0  # sampling seed; each image draws from (seed, shard, member)
     merge_timeout_s: int = Field(3600, ge=1)  # rank 0 waits this long for other ranks' parts
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / ranks

@@ -229,3 +229,27 @@ def test_dvc_stages_match_params_and_the_stage_table():
     assert p.bootstrap.captioner == f"{p.finetune.round1_out}/captioner/model"
     assert p.evaluate.round2_filter == f"{p.finetune.round2_out}/filter/model"
     assert p.retrain.manifests == [f"{p.bootstrap.out}/manifest.parquet"]
+
+
+def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, tmp_path):
+    from components.batch_inference import autocast, score_texts
+
+    cfg = boot_cfg(world, tmp_path / "out")
+    models = bootstrap.load_models(cfg)
+    web = read_manifest(world.web, "ingested")
+    images = Images(world.web.parent)
+    tensor = images.tensor(images.load(web["shard"].tolist(), web["member"].tolist()),
+                           models.filter.image_size, models.device)
+    images.close()
+    index = torch.arange(len(web))
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        with torch.inference_mode(), autocast(models.device, precision):
+            scores[precision] = np.array(score_texts(models.filter, tensor, web["caption"].tolist(), index, cfg.text))
+    assert np.abs(scores["bf16"] - scores["fp32"]).max() < 0.05
+    assert not np.array_equal(scores["bf16"], scores["fp32"])  # bf16 really ran
+    with pytest.raises(CapfiltError, match="unknown inference precision 'fp8'"):
+        autocast(models.device, "fp8")
+    result = bootstrap.run(boot_cfg(world, tmp_path / "bf16", precision="bf16"), lenient_validation(), ONE)
+    manifest, removed = _tables(tmp_path / "bf16")
+    assert len(manifest) + len(removed) >= len(web)  # every web text somewhere, also in bf16

@@ -12,7 +12,8 @@ and configs. Runs alternate; the best of the rounds is kept. capfilt also runs w
 `bootstrap.precision: bf16` (bf16 autocast on the CPU too; transformers stays fp32, as a
 straightforward loop would). The last line is one JSON object with images/s of each side,
 `ratio` = capfilt (default precision) / transformers and `ratio_bf16`.
-Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--threads N]`.
+`--scaling` adds capfilt alone on 1x, 2x and 4x the images (seconds, peak memory growth).
+Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--threads N] [--scaling]`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import io
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 from PIL import Image
 
@@ -137,6 +140,55 @@ def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.
     return {label: result}
 
 
+class _PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 5 ms by a thread."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.proc, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def scaling(preset: str, quick: bool, n: int, batch: int, dev: torch.device) -> dict:
+    """capfilt alone on n, 2n and 4n images (one shard each, same models): seconds and the peak
+    memory growth of each run. Linear time and flat memory are what streaming shards should give."""
+    label, tok, config, pair = build(preset, quick)
+    our_cap, our_itm = pair["BlipForConditionalGeneration"][1].to(dev), pair["BlipForImageTextRetrieval"][1].to(dev)
+    size = config.vision.image_size
+    models = Models(Loaded(our_cap, tok, "-", size), Loaded(our_itm, tok, "-", size), _generation(config), dev)
+    out: dict[str, dict[str, float]] = {}
+    for mult in (1, 2, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = web_shard(Path(tmp), n * mult, size)
+            cfg = BootstrapConfig(batch_size=batch, web_manifest=str(Path(tmp) / "manifest.parquet"))
+            images = Images(Path(tmp))
+            if mult == 1:  # warm-up
+                process_shard(rows["shard"].iloc[0], rows.iloc[:batch], cfg, models, images)
+            with _PeakRSS() as mem:
+                seconds = _timed(lambda: process_shard(rows["shard"].iloc[0], rows, cfg, models, images), dev)
+            images.close()
+        out[f"{mult}x"] = {"images": n * mult, "seconds": seconds, "peak_growth_mb": mem.growth_mb}
+        print(f"{label:>14} scaling {mult}x: {n * mult} images in {seconds:6.2f} s "
+              f"({n * mult / seconds:6.1f} img/s), peak memory +{mem.growth_mb:.0f} MB", flush=True)
+    out["time_4x_over_1x"] = out["4x"]["seconds"] / out["1x"]["seconds"]
+    return out
+
+
 def _generation(config: Any) -> Any:
     from models.generation import GenerationConfig
 
@@ -161,6 +213,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--presets", nargs="+", default=None, choices=["tiny", "base"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also time capfilt on 1x, 2x, 4x the images of the first preset (time, peak memory)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,6 +225,9 @@ def main() -> None:
         n, batch = (128, 64) if preset == "tiny" else (16, 8)
         summary["results"].update(bench(preset, args.quick, n if not args.quick else n // 2 * 2, batch,
                                         1 if args.quick else 3, dev))
+    if args.scaling:
+        n, batch = (64, 32) if presets[0] == "tiny" else (8, 8)
+        summary["scaling"] = scaling(presets[0], args.quick, n, batch, dev)
     summary["ratio"] = min(r["ratio"] for r in summary["results"].values())
     summary["ratio_bf16"] = min(r["ratio_bf16"] for r in summary["results"].values())
     print(json.dumps(summary))

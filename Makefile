@@ -45,6 +45,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/ingest.py --quick
 	$(BIN)/python -m benchmarks.train_step --quick
+	$(BIN)/python benchmarks/bootstrap.py --quick --scaling
 
 clean:
 	rm -rf outputs .pytest_cache

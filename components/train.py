@@ -198,8 +198,8 @@ def _lift_scalars(model: nn.Module) -> None:
 
 def _momentum_step(module: nn.Module, cfg: TrainConfig) -> None:
     """The model's temperature clamp + momentum EMA (see `BlipEncoderBase.momentum_step`), run
-    before each forward. Under ZeRO-3 the parameters it touches are gathered first and rank 0's
-    result (every rank computes the same) is partitioned back."""
+    before each forward. Under ZeRO-3 it gathers the parameters it touches a group at a time, and
+    rank 0's result (every rank computes the same) is partitioned back."""
     step = getattr(module, "momentum_step", None)
     if step is None:
         return
@@ -208,8 +208,7 @@ def _momentum_step(module: nn.Module, cfg: TrainConfig) -> None:
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(module.momentum_parameters(), modifier_rank=0):
-        step()
+    step(lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
 
 
 def _build_engine(cfg: TrainConfig, schedule: ScheduleConfig, build_model: BuildModel, info: D.RankInfo):

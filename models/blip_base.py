@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from models.config import BlipConfig
 from models.kv_cache import ImageKV
-from models.losses import hard_negative_weights, itm_labels, itm_loss, momentum_update, sample_negatives
+from models.losses import ema_update, hard_negative_weights, itm_labels, itm_loss, sample_negatives
 from models.med import TextTransformer
 from models.vit import build_vit
 
@@ -86,6 +87,13 @@ def load_subset(model: nn.Module, state_dict: Mapping[str, Tensor], may_miss: se
     model.load_state_dict(picked, strict=False)
 
 
+Gathered = Callable[[list[nn.Parameter]], AbstractContextManager[object]]
+
+
+def _no_gather(params: list[nn.Parameter]) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
 class BlipEncoderBase(nn.Module):
     """ViT + text encoder + projections + ITM head + temp, momentum copies and ITC queues."""
 
@@ -123,17 +131,22 @@ class BlipEncoderBase(nn.Module):
         return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
 
-    def momentum_step(self) -> None:
-        """Clamp the temperature, then one EMA step of the momentum copies towards the online ones."""
-        self.clamp_temp()
-        momentum_update(self.momentum_pairs(), self.config.momentum)
+    def momentum_step(self, gathered: Gathered | None = None, group_size: int = 32) -> None:
+        """Clamp the temperature, then one EMA step of the momentum copies towards the online ones.
 
-    def momentum_parameters(self) -> list[nn.Parameter]:
-        """Every parameter `momentum_step` reads or writes (for callers that gather them first)."""
-        params = [self.temp]
+        `gathered(params)` is a context in which `params` are whole and writable (ZeRO-3 passes
+        DeepSpeed's `GatheredParameters`); the EMA walks the parameters `group_size` tensor pairs
+        at a time, so no more than that is ever gathered at once.
+        """
+        gathered = gathered or _no_gather
+        with gathered([self.temp]):
+            self.clamp_temp()
         for online, ema in self.momentum_pairs():
-            params += list(online.parameters()) + list(ema.parameters())
-        return params
+            pairs = list(zip(online.parameters(), ema.parameters(), strict=True))
+            for start in range(0, len(pairs), group_size):
+                group = pairs[start : start + group_size]
+                with gathered([p for pair in group for p in pair]):
+                    ema_update(group, self.config.momentum)
 
     def clamp_temp(self) -> None:
         """Keep the learned temperature in [0.001, 0.5] (in place, as BLIP)."""

@@ -28,14 +28,10 @@ def alpha_ramp(step: int, ramp_steps: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], momentum: float) -> None:
-    """EMA `p_m = m*p_m + (1-m)*p` over parameters only (buffers untouched), for each pair."""
-    for online, ema in pairs:
-        online_params, ema_params = list(online.parameters()), list(ema.parameters())
-        if len(online_params) != len(ema_params):
-            raise ValueError("momentum pair has different parameter lists")
-        for p, p_m in zip(online_params, ema_params, strict=True):
-            p_m.mul_(momentum).add_(p.detach().to(p_m.dtype), alpha=1.0 - momentum)
+def ema_update(pairs: Iterable[tuple[Tensor, Tensor]], momentum: float) -> None:
+    """EMA `p_m = m*p_m + (1-m)*p` over (online, momentum) parameter pairs, in place."""
+    for p, p_m in pairs:
+        p_m.mul_(momentum).add_(p.detach().to(p_m.dtype), alpha=1.0 - momentum)
 
 
 def diagonal_targets(batch: int, queue_size: int, device: torch.device | None = None) -> Tensor:

@@ -271,3 +271,30 @@ def test_captioner_step_decoder_matches_full_forward():
     loss = captioner(image, ids, mask, prompt_length=3)
     loss.loss.backward()
     assert torch.isfinite(loss.loss) and captioner.visual_encoder.cls_token.grad is not None
+
+
+def test_momentum_step_gathers_a_group_at_a_time_and_matches_one_pass(pretrain):
+    import contextlib
+    import copy
+
+    a, b = copy.deepcopy(pretrain), copy.deepcopy(pretrain)
+    with torch.no_grad():
+        for p in a.visual_encoder.parameters():
+            p.add_(0.5)  # so the EMA has somewhere to go
+        for p in b.visual_encoder.parameters():
+            p.add_(0.5)
+    seen: list[int] = []
+
+    def gathered(params):
+        seen.append(len(params))
+        return contextlib.nullcontext()
+
+    a.momentum_step(gathered, group_size=3)
+    b.momentum_step()
+    assert seen[0] == 1 and max(seen[1:]) == 6  # temp alone, then at most 3 (online, momentum) pairs
+    pairs = sum(len(list(online.parameters())) for online, _ in a.momentum_pairs())
+    assert sum(seen[1:]) == 2 * pairs  # every pair exactly once
+    for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=key)
+    moved = a.visual_encoder_m.patch_embed.proj.weight - pretrain.visual_encoder_m.patch_embed.proj.weight
+    assert float(moved.abs().max()) > 0

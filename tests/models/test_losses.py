@@ -9,7 +9,7 @@ from torch import nn
 
 from models.losses import (alpha_ramp, dequeue_and_enqueue, diagonal_targets, hard_negative_weights,
                            image_id_targets, itc_loss, itm_labels, itm_loss, lm_labels, lm_loss,
-                           momentum_update, sample_negatives, soft_cross_entropy)
+                           ema_update, sample_negatives, soft_cross_entropy)
 
 
 def _feats(n, e, seed):
@@ -85,15 +85,17 @@ def test_queue_pointer_contents_and_wrap():
         dequeue_and_enqueue(ptr, [(queue, torch.zeros(3, 3))])
 
 
-def test_momentum_update_params_only():
-    online, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+def test_ema_update_moves_each_momentum_tensor_towards_its_online_one():
+    online, ema = nn.Linear(2, 3), nn.Linear(2, 3)
     with torch.no_grad():
-        online.weight.fill_(1.0)
-        ema.weight.fill_(0.0)
-        online.running_mean.fill_(5.0)
-    momentum_update([(online, ema)], 0.9)
-    torch.testing.assert_close(ema.weight, torch.full((3,), 0.1))
-    assert ema.running_mean.eq(0).all()  # buffers untouched
+        for p in online.parameters():
+            p.fill_(1.0)
+        for p in ema.parameters():
+            p.fill_(0.0)
+    ema_update(zip(online.parameters(), ema.parameters()), 0.9)
+    for p in ema.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 0.1))
+    assert online.weight.eq(1.0).all()
 
 
 def test_hard_negative_weights_by_hand():

@@ -19,6 +19,7 @@ Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--thread
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import io
@@ -68,6 +69,7 @@ def web_shard(folder: Path, n: int, size: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@functools.lru_cache(maxsize=None)  # `--scaling` reuses the pair `bench` built
 def build(preset: str, quick: bool) -> tuple[str, Any, Any, dict[str, tuple[Any, Any]]]:
     """(label, tokenizer, config, {arch: (hf, capfilt)}) with special ids from a toy tokenizer."""
     tok = train_tokenizer([" ".join(WORDS), "a picture of"], TokenizerConfig(vocab_size=200))

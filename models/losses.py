@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 IGNORE_INDEX = -100
 

@@ -101,14 +101,22 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def _topk_itm(filt: Loaded, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
               pairs_img: torch.Tensor, pairs_txt: torch.Tensor, chunk: int) -> torch.Tensor:
-    """ITM match logits of (image, text) index pairs, in chunks; each chunk's images encoded once."""
+    """ITM match logits of (image, text) index pairs, in chunks; each chunk's images encoded once.
+
+    A pair asked for twice (in the top k of both directions) is scored once; pairs are scored in
+    image order, so a chunk holds few images, and each chunk is cut to its longest text.
+    """
+    n_text = ids.shape[0]
+    keys, inverse = (pairs_img * n_text + pairs_txt).unique(return_inverse=True)  # sorted: image-major
+    img_all, txt_all = keys // n_text, keys % n_text
     out = []
-    for s in range(0, len(pairs_img), chunk):
-        img, txt = pairs_img[s : s + chunk], pairs_txt[s : s + chunk]
-        uniq, inverse = img.unique(return_inverse=True)
-        logits = filt.model.itm_logits(image_embeds[uniq], ids[txt], mask[txt], inverse)  # (c, 2)
+    for s in range(0, len(keys), chunk):
+        img, txt = img_all[s : s + chunk], txt_all[s : s + chunk]
+        uniq, index = img.unique(return_inverse=True)
+        length = int(mask[txt].sum(1).max())
+        logits = filt.model.itm_logits(image_embeds[uniq], ids[txt, :length], mask[txt, :length], index)
         out.append(logits[:, 1].float())
-    return torch.cat(out)
+    return torch.cat(out)[inverse]
 
 
 def retrieval(filt: Loaded, image: torch.Tensor, texts: list[str], text_image: np.ndarray,
@@ -123,16 +131,15 @@ def retrieval(filt: Loaded, image: torch.Tensor, texts: list[str], text_image: n
     sims = (model.image_features(embeds) @ text_feat.t()).float()  # (N, M) cosine, no temperature
     chunk = max(1, cfg.batch_size) * 16
     k_t, k_i = min(cfg.k_test, sims.shape[1]), min(cfg.k_test, sims.shape[0])
-    score_i2t = torch.full_like(sims, -100.0)
-    top_t = sims.topk(k_t, dim=1).indices  # (N, k)
+    top_t = sims.topk(k_t, dim=1).indices.reshape(-1)  # (N*k,) texts of each image's top k
     rows = torch.arange(sims.shape[0], device=dev).repeat_interleave(k_t)
-    itm = _topk_itm(filt, embeds, ids, mask, rows, top_t.reshape(-1), chunk)
-    score_i2t[rows, top_t.reshape(-1)] = itm + sims[rows, top_t.reshape(-1)]
-    score_t2i = torch.full_like(sims.t(), -100.0)
-    top_i = sims.t().topk(k_i, dim=1).indices  # (M, k)
+    top_i = sims.t().topk(k_i, dim=1).indices.reshape(-1)  # (M*k,) images of each text's top k
     cols = torch.arange(sims.shape[1], device=dev).repeat_interleave(k_i)
-    itm = _topk_itm(filt, embeds, ids, mask, top_i.reshape(-1), cols, chunk)
-    score_t2i[cols, top_i.reshape(-1)] = itm + sims[top_i.reshape(-1), cols]
+    itm = _topk_itm(filt, embeds, ids, mask, torch.cat([rows, top_i]), torch.cat([top_t, cols]), chunk)
+    score_i2t = torch.full_like(sims, -100.0)
+    score_i2t[rows, top_t] = itm[: len(rows)] + sims[rows, top_t]
+    score_t2i = torch.full_like(sims.t(), -100.0)
+    score_t2i[cols, top_i] = itm[len(rows) :] + sims[top_i, cols]
     return recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), text_image)
 
 

@@ -119,6 +119,28 @@ def test_shuffled_captions_give_chance_recall_with_a_random_model(tmp_path):
     assert r["t2i_r10"] == 1.0  # k >= images: everything is ranked
 
 
+def test_topk_itm_scores_each_pair_once_and_like_one_pair_alone(tmp_path):
+    torch.set_num_threads(1)
+    world = make_world(tmp_path)
+    filt = load_filter(world.filter, device())
+    torch.manual_seed(0)
+    image = torch.rand(3, 3, filt.image_size, filt.image_size)
+    texts = ["a red circle", "two small blue squares at the top left and a green star", "star", "a big cat"]
+    ids, mask = evaluate.tokenize(filt.tokenizer, texts, EvaluateConfig(test_manifest="x").text, device())
+    pairs_img = torch.tensor([2, 0, 1, 0, 2, 1, 0])  # (0, 1) and (2, 3) asked twice
+    pairs_txt = torch.tensor([3, 1, 2, 1, 3, 0, 2])
+    calls = []
+    real = filt.model.itm_logits
+    filt.model.itm_logits = lambda *a: calls.append(a[1].shape[0]) or real(*a)
+    with torch.inference_mode():
+        embeds = filt.model.encode_image(image)
+        got = evaluate._topk_itm(filt, embeds, ids, mask, pairs_img, pairs_txt, chunk=2)
+        alone = [real(embeds[i : i + 1], ids[t : t + 1], mask[t : t + 1], torch.zeros(1, dtype=torch.long))[0, 1]
+                 for i, t in zip(pairs_img.tolist(), pairs_txt.tolist())]
+    assert sum(calls) == 5  # 7 pairs, 5 distinct
+    torch.testing.assert_close(got, torch.stack(alone).float(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     torch.set_num_threads(1)

@@ -139,10 +139,18 @@ def use_extensions_dir() -> Path | None:
     not a virtualenv (then torch's default, ~/.cache/torch_extensions); return it.
 
     DeepSpeed JIT-compiles its CPU shared-memory collective on first use (about a minute cold);
-    `make setup` pre-builds it there (`prebuild_ops`) so that no stage pays for it.
+    `make setup` pre-builds it there (`prebuild_ops`) so that no stage pays for it. That holds
+    only if every process runs the same `ninja`: a ninja of another version discards the build
+    log and compiles everything again (the virtualenv's ninja vs the system's: 25 s in the first
+    training stage of every pipeline). So the interpreter's own ninja, when it has one, goes first
+    on PATH.
     """
     if sys.prefix != sys.base_prefix:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(bin_dir) / "ninja").is_file() and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
     value = os.environ.get("TORCH_EXTENSIONS_DIR")
     return Path(value) if value else None
 

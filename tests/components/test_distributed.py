@@ -89,3 +89,22 @@ def test_single_process_takes_a_fresh_port_even_when_one_is_inherited(monkeypatc
         distributed.init_single_process()
         assert int(distributed.os.environ["MASTER_PORT"]) != taken
         assert distributed.os.environ["WORLD_SIZE"] == "1"
+
+
+def test_extensions_use_the_interpreters_own_ninja(tmp_path, monkeypatch):
+    """Another ninja version would discard the pre-built op's build log and compile it again."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    (bin_dir / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python3"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert D.use_extensions_dir() == tmp_path / "ext"
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    D.use_extensions_dir()  # idempotent
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    (bin_dir / "ninja").unlink()
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    D.use_extensions_dir()  # no ninja of its own: PATH untouched
+    assert os.environ["PATH"] == "/usr/bin:/bin"

@@ -229,7 +229,7 @@ class BlipEncoderBase(nn.Module):
         hidden = self.text_encoder(ids, mask, mode="multimodal", image_kv=kv)
         logits = self.itm_head(hidden[:, 0])  # (B + n1 + n2, 2)
         labels = itm_labels(batch, ids.shape[0] - batch, device=ids.device)
-        return itm_loss(logits, labels)
+        return itm_loss(logits, labels, self.config.itm_positive_weight)
 
     @staticmethod
     def negative_weights(sim_t2i: Tensor, sim_i2t: Tensor, positive: Tensor, eps: float) -> tuple[Tensor, Tensor]:

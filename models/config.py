@@ -89,6 +89,7 @@ class BlipConfig:
     label_smoothing: float = 0.1  # LM loss
     share_cross_attention: bool = True  # pre-training: decoder shares cross-attention with encoder
     negative_all_rank: bool = False  # filter fine-tune: ITM negatives from every rank
+    itm_positive_weight: float = 1.0  # ITM loss weight of a positive pair; 2.0 balances BLIP's 1:2 pos:neg
 
 
 def _sizes(width: int, depth: int, heads: int) -> dict[str, int]:

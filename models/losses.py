@@ -132,9 +132,16 @@ def itm_labels(batch: int, negatives: int, device: torch.device | None = None) -
                       torch.zeros(negatives, dtype=torch.long, device=device)])
 
 
-def itm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy over (M, 2) ITM logits -> (loss, accuracy (detached))."""
-    loss = F.cross_entropy(logits.float(), labels)
+def itm_loss(logits: Tensor, labels: Tensor, positive_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over (M, 2) ITM logits -> (loss, accuracy (detached)).
+
+    `positive_weight` weights the match class (the weighted mean of torch's cross-entropy); 1.0 is
+    BLIP's plain mean, 2.0 gives its B positives the weight of its 2B negatives.
+    """
+    weight = None
+    if positive_weight != 1.0:
+        weight = torch.tensor([1.0, positive_weight], device=logits.device)
+    loss = F.cross_entropy(logits.float(), labels, weight=weight)
     accuracy = (logits.detach().argmax(1) == labels).float().mean()
     return loss, accuracy
 

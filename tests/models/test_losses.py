@@ -146,6 +146,16 @@ def test_itm_loss_and_labels():
     assert acc.item() == pytest.approx(4 / 6)  # the [2, 2] tie goes to class 0
 
 
+def test_itm_positive_weight_balances_the_classes_by_hand():
+    labels = itm_labels(2, 4)
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, -1.0]])
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    loss, _ = itm_loss(logits, labels, positive_weight=2.0)
+    expected = (2 * per_row[:2].sum() + per_row[2:].sum()) / (2 * 2 + 4)  # positives count double
+    assert loss.item() == pytest.approx(expected.item())
+    assert itm_loss(logits, labels, 1.0)[0].item() == pytest.approx(per_row.mean().item())
+
+
 def test_lm_labels_and_loss_by_hand():
     ids = torch.tensor([[3, 10, 11, 2, 0], [3, 12, 2, 0, 0]])
     mask = (ids != 0).long()

@@ -107,17 +107,24 @@ def hf_loop(hf_cap: Any, hf_itm: Any, tok: Any, rows: pd.DataFrame, root: Path, 
     return scores
 
 
+def _capfilt_models(tok: Any, config: Any, pair: dict[str, tuple[Any, Any]], dev: torch.device,
+                    precision: str = "auto") -> Models:
+    """capfilt's side of `pair` (the converted captioner and filter) as the bootstrap stage loads it."""
+    size = config.vision.image_size
+    cap, itm = pair["BlipForConditionalGeneration"][1].to(dev), pair["BlipForImageTextRetrieval"][1].to(dev)
+    return Models(Loaded(cap, tok, "-", size), Loaded(itm, tok, "-", size), _generation(config), dev, precision)
+
+
 def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.device) -> dict:
     label, tok, config, pair = build(preset, quick)
-    hf_cap, our_cap = (m.to(dev) for m in pair["BlipForConditionalGeneration"])
-    hf_itm, our_itm = (m.to(dev) for m in pair["BlipForImageTextRetrieval"])
+    hf_cap = pair["BlipForConditionalGeneration"][0].to(dev)
+    hf_itm = pair["BlipForImageTextRetrieval"][0].to(dev)
     size = config.vision.image_size
     with tempfile.TemporaryDirectory() as tmp:
         rows = web_shard(Path(tmp), n, size)
         cfg = BootstrapConfig(batch_size=batch, web_manifest=str(Path(tmp) / "manifest.parquet"))
-        loaded = (Loaded(our_cap, tok, "-", size), Loaded(our_itm, tok, "-", size))
-        models = Models(*loaded, _generation(config), dev)  # precision auto: fp32 on CPU
-        models_bf16 = Models(*loaded, _generation(config), dev, "bf16")
+        models = _capfilt_models(tok, config, pair, dev)  # precision auto: fp32 on CPU
+        models_bf16 = _capfilt_models(tok, config, pair, dev, "bf16")
         images = Images(Path(tmp))
         shard = rows["shard"].iloc[0]
         sides = {
@@ -170,9 +177,8 @@ def scaling(preset: str, quick: bool, n: int, batch: int, dev: torch.device) -> 
     """capfilt alone on n, 2n and 4n images (one shard each, same models): seconds and the peak
     memory growth of each run. Linear time and flat memory are what streaming shards should give."""
     label, tok, config, pair = build(preset, quick)
-    our_cap, our_itm = pair["BlipForConditionalGeneration"][1].to(dev), pair["BlipForImageTextRetrieval"][1].to(dev)
     size = config.vision.image_size
-    models = Models(Loaded(our_cap, tok, "-", size), Loaded(our_itm, tok, "-", size), _generation(config), dev)
+    models = _capfilt_models(tok, config, pair, dev)
     out: dict[str, dict[str, float]] = {}
     for mult in (1, 2, 4):
         with tempfile.TemporaryDirectory() as tmp:

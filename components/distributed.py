@@ -141,8 +141,8 @@ def use_extensions_dir() -> Path | None:
     DeepSpeed JIT-compiles its CPU shared-memory collective on first use (about a minute cold);
     `make setup` pre-builds it there (`prebuild_ops`) so that no stage pays for it. That holds
     only if every process runs the same `ninja`: a ninja of another version discards the build
-    log and compiles everything again (the virtualenv's ninja vs the system's: 25 s in the first
-    training stage of every pipeline). So the interpreter's own ninja, when it has one, goes first
+    log and compiles everything again (the virtualenv's ninja vs the system's: ~22 s of compiling
+    in the first training stage of every pipeline). So the interpreter's own ninja, when it has one, goes first
     on PATH.
     """
     if sys.prefix != sys.base_prefix:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F

@@ -1,14 +1,17 @@
 """Rank 0's half of the bootstrap stage: thresholds, the bootstrapped manifest, removed texts, metrics.
 
-The scored parts of every web shard come in; the threshold is either `itm_threshold` or, with
-`threshold: calibrated`, the ITM score that keeps `calibration_keep` of held-out human pairs:
+The scored parts of every web shard come in. Each text's filter score is its ITM p(match)
+(`signal: itm`) or its ITM log-odds plus ITC logit (`signal: itm_itc`); the threshold is either
+`itm_threshold` or, with `threshold: calibrated`, the score that keeps `calibration_keep` of
+held-out human pairs:
 the human manifest's `val` rows when it has some, else a fixed sample (seeded by `seed`) of
 `calibration_samples` human training pairs (the filter was fine-tuned on those, so this
 threshold is a little strict; a val split is the better choice). A web text or synthetic caption
-is kept when its p(match) clears the threshold (and its ITC cosine `itc_threshold`, when set); a
+is kept when its score clears the threshold (and its ITC cosine `itc_threshold`, when set); a
 synthetic caption that is empty or repeats a kept text of its image is removed as such. Every
 web text lands in exactly one of `manifest.parquet` (with every human training pair and the
-kept synthetic captions) or `removed.parquet` (with its score and the reason). The shards the
+kept synthetic captions) or `removed.parquet` (with its score and the reason); `scores.parquet`
+holds every scored text with its ITM, ITC and filter scores and the decision. The shards the
 manifest points into are hard-linked (copied across file systems) under `<out>/shards/human/`
 and `<out>/shards/web/`, so shard paths stay relative to the manifest's folder, as the schema
 requires. The manifest passes the pandera schema and the GX suite before it is written.
@@ -42,7 +45,11 @@ log = logging.getLogger(__name__)
 
 REMOVED_COLUMNS = ("sample_id", "image_key", "source", "caption", "shard", "member", "itm_score",
                    "itc_score", "reason")
-REMOVAL_REASONS = ("itm_below_threshold", "itc_below_threshold", "empty_caption", "duplicate")
+REMOVAL_REASONS = ("itm_below_threshold", "score_below_threshold", "itc_below_threshold", "empty_caption",
+                   "duplicate")
+SCORE_COLUMNS = ("kind", "sample_id", "image_key", "caption", "shard", "member", "k", "itm_score", "itc_score",
+                 "filter_score", "reason")
+_P_CLIP = 1e-6  # p(match) is clipped to [1e-6, 1 - 1e-6] before its log-odds are taken
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,27 @@ def calibration_pairs(human: pd.DataFrame, cfg: BootstrapConfig) -> tuple[pd.Dat
     return train.iloc[pick], f"sample of {n} human training pairs"
 
 
+def filter_temperature(models: Models) -> float:
+    """The filter's learned ITC temperature (turns a cosine into the logit ITC trains)."""
+    return float(models.filter.model.temp.detach().float().clamp(min=1e-3))
+
+
+def filter_scores(itm: np.ndarray, itc: np.ndarray, signal: str, temp: float) -> np.ndarray:
+    """The score a text is kept by: p(match) (`itm`), or log-odds + cosine / temp (`itm_itc`)."""
+    itm = np.asarray(itm, dtype=np.float64)
+    if signal == "itm":
+        return itm
+    if signal == "itm_itc":
+        p = np.clip(itm, _P_CLIP, 1.0 - _P_CLIP)
+        return np.log(p) - np.log1p(-p) + np.asarray(itc, dtype=np.float64) / temp
+    raise ValueError(f"unknown filter signal {signal!r} (itm | itm_itc)")
+
+
 def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapConfig) -> np.ndarray:
-    """ITM p(match) of manifest rows against their own images (batches of images)."""
+    """Filter scores (`cfg.signal`) of manifest rows against their own images (batches of images)."""
     images = Images(root)
-    scores: list[float] = []
+    itm_all: list[float] = []
+    itc_all: list[float] = []
     try:
         for start in range(0, len(pairs), cfg.batch_size):
             chunk = pairs.iloc[start : start + cfg.batch_size]
@@ -88,11 +112,12 @@ def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapC
             index = torch.tensor([where[key] for key in keys], dtype=torch.long)
             with torch.inference_mode(), autocast(models.device, models.precision):
                 tensor = images.tensor(pil, models.filter.image_size, models.device)
-                itm, _ = score_texts(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text)
-            scores += itm
+                itm, itc = score_texts(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text)
+            itm_all += itm
+            itc_all += itc
     finally:
         images.close()
-    return np.asarray(scores, dtype=np.float64)
+    return filter_scores(np.asarray(itm_all), np.asarray(itc_all), cfg.signal, filter_temperature(models))
 
 
 def keep_threshold(scores: np.ndarray, keep: float) -> float:
@@ -103,22 +128,26 @@ def keep_threshold(scores: np.ndarray, keep: float) -> float:
 
 
 def resolve_threshold(cfg: BootstrapConfig, human: pd.DataFrame, models: Models) -> tuple[float, dict[str, Any]]:
-    """The ITM threshold and how it was chosen."""
+    """The threshold on the filter score and how it was chosen."""
     if cfg.threshold == "fixed":
         return cfg.itm_threshold, {"mode": "fixed"}
     pairs, source = calibration_pairs(human, cfg)
     scores = score_pairs(pairs, Path(cfg.human_manifest).parent, models, cfg)
     threshold = keep_threshold(scores, cfg.calibration_keep)
-    log.info("calibrated ITM threshold %.4f keeps %.1f%% of %d human pairs (%s)", threshold,
+    log.info("calibrated %s threshold %.4f keeps %.1f%% of %d human pairs (%s)", cfg.signal, threshold,
              100 * float((scores >= threshold).mean()), len(scores), source)
     return threshold, {"mode": "calibrated", "pairs": source, "n": int(len(scores)),
                        "keep": cfg.calibration_keep, "human_kept": float((scores >= threshold).mean())}
 
 
-def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None) -> pd.DataFrame:
-    """`parts` plus a `reason` column: empty when kept, else one of REMOVAL_REASONS."""
+def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, signal: str = "itm",
+           temp: float = 1.0) -> pd.DataFrame:
+    """`parts` plus `filter_score` (see `filter_scores`) and `reason`: empty when kept, else one
+    of REMOVAL_REASONS."""
     out = parts.copy()
-    reason = np.where(out["itm_score"].to_numpy() < threshold, "itm_below_threshold", "")
+    out["filter_score"] = filter_scores(out["itm_score"].to_numpy(), out["itc_score"].to_numpy(), signal, temp)
+    below = "itm_below_threshold" if signal == "itm" else "score_below_threshold"
+    reason = np.where(out["filter_score"].to_numpy() < threshold, below, "")
     if itc_threshold is not None:
         reason = np.where((reason == "") & (out["itc_score"].to_numpy() < itc_threshold),
                           "itc_below_threshold", reason)
@@ -197,7 +226,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, calibration: dict[str, Any],
-             provenance: dict[str, str], decoding: str, images_per_s: float | None) -> dict[str, Any]:
+             provenance: dict[str, str], decoding: str, images_per_s: float | None,
+             signal: str = "itm", temp: float | None = None) -> dict[str, Any]:
     web = decided[decided["kind"] == "web"]
     syn = decided[decided["kind"] == "synthetic"]
     web_kept, syn_kept = int((web["reason"] == "").sum()), int((syn["reason"] == "").sum())
@@ -209,7 +239,8 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
         "human_pairs": int((manifest["source"] == "human").sum()), "total_pairs": len(manifest),
         "synthetic_fraction": syn_kept / max(1, len(manifest)),
         "removed_by_reason": {str(k): int(v) for k, v in removed["reason"].value_counts().sort_index().items()},
-        "itm_threshold": threshold, "threshold": calibration,
+        "signal": signal, "score_threshold": threshold, "itc_temperature": temp,
+        "itm_threshold": threshold if signal == "itm" else None, "threshold": calibration,
         "images": int(web["image_key"].nunique()), "images_per_s": images_per_s,
         "decoding": decoding, **provenance,
     }
@@ -225,7 +256,8 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
                            "delete the parts folder and run again")
     human = read_manifest(Path(cfg.human_manifest), "ingested")
     threshold, calibration = resolve_threshold(cfg, human, models)
-    decided = decide(parts, threshold, cfg.itc_threshold)
+    temp = filter_temperature(models)
+    decided = decide(parts, threshold, cfg.itc_threshold, cfg.signal, temp)
     provenance = {"captioner": models.captioner.digest, "filter": models.filter.digest}
     manifest, removed = build_tables(web, human, decided, provenance, decoding)
     manifest = validate(manifest, "bootstrapped", where=str(out / "manifest.parquet"))
@@ -236,9 +268,12 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
                       "web": (Path(cfg.web_manifest).parent, sorted(web["shard"].unique()))})
     write_manifest(manifest, out / "manifest.parquet", "bootstrapped")
     atomic.write_with(out / "removed.parquet", lambda tmp: removed.to_parquet(tmp, index=False))
-    metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s)
+    scores = decided[list(SCORE_COLUMNS)].reset_index(drop=True)
+    atomic.write_with(out / "scores.parquet", lambda tmp: scores.to_parquet(tmp, index=False))
+    metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s,
+                       cfg.signal, temp)
     write_json(out / "metrics.json", metrics)
-    log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (threshold %.3f); %d pairs",
+    log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (%s threshold %.3f); %d pairs",
              metrics["web_kept"], metrics["web_texts"], metrics["synthetic_kept"],
-             metrics["synthetic_generated"], threshold, len(manifest))
+             metrics["synthetic_generated"], cfg.signal, threshold, len(manifest))
     return BootstrapResult(out / "manifest.parquet", out / "removed.parquet", metrics)

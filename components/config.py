@@ -334,9 +334,12 @@ class PromoteConfig(Section):
 class BootstrapConfig(Section):
     """CapFilt: caption every web image, score web and synthetic texts with ITM, keep the matches.
 
-    `threshold: fixed` keeps a text when p(match) >= itm_threshold; `calibrated` keeps it when
-    it clears the score that keeps `calibration_keep` of held-out human pairs (the human `val`
-    rows, else a fixed seeded sample of `calibration_samples` human training pairs)."""
+    `signal: itm` scores a text by the ITM p(match) (BLIP's filter); `itm_itc` by the ITM
+    log-odds plus the ITC logit (cosine / the filter's temperature), the sum BLIP's retrieval
+    ranks by. `threshold: fixed` keeps a text when p(match) >= itm_threshold (`itm` only: the sum
+    is not a probability); `calibrated` keeps it when its score clears the one that keeps
+    `calibration_keep` of held-out human pairs (the human `val` rows, else a fixed seeded sample
+    of `calibration_samples` human training pairs)."""
 
     web_manifest: str = "outputs/ingest/web/manifest.parquet"
     human_manifest: str = "outputs/ingest/human/manifest.parquet"
@@ -351,6 +354,7 @@ class BootstrapConfig(Section):
     max_new_tokens: int = Field(16, ge=1)  # BLIP max_length 20 counts the 4 prompt tokens
     min_new_tokens: int = Field(1, ge=0)  # BLIP min_length 5 counts the prompt
     prompt: str = "a picture of "  # fed to the decoder, stripped from the caption
+    signal: Literal["itm", "itm_itc"] = "itm"  # what a text is scored by (class docstring)
     threshold: Literal["fixed", "calibrated"] = "fixed"
     itm_threshold: float = Field(0.5, ge=0, le=1)  # fixed: keep when p(match) >= this
     calibration_keep: float = Field(0.95, gt=0, le=1)  # calibrated: held-out human pairs kept
@@ -364,6 +368,13 @@ class BootstrapConfig(Section):
     text: TextInput = TextInput()  # how the filter tokenises web and synthetic texts
     rounds: int = Field(1, ge=1)  # bootstrap rounds; > 1 adds rounds 3.. in the rounds stage
     rounds_out: str = "outputs/rounds"  # the rounds stage: metrics.json, extra/round<k>/
+
+    @model_validator(mode="after")
+    def _threshold_fits_signal(self) -> BootstrapConfig:
+        if self.signal != "itm" and self.threshold == "fixed":
+            raise ValueError(f"signal {self.signal!r} scores are not probabilities, so a fixed itm_threshold "
+                             "cannot apply to them; set threshold: calibrated (or signal: itm)")
+        return self
 
 
 class EvaluateConfig(Section):

@@ -186,26 +186,41 @@ def _truth(cfg: EvaluateConfig) -> pd.DataFrame | None:
 
 
 def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
-    """Every web text and synthetic caption with its score and whether the filter kept it."""
+    """Every web text and synthetic caption with its scores and whether the filter kept it.
+
+    `score` is the filter score the decision used (`scores.parquet`); a bootstrap output without
+    that file (older runs) falls back to the ITM p(match), with no ITC column to offer."""
     root = Path(cfg.bootstrap)
+    cols = ["sample_id", "image_key", "source", "caption", "shard", "member", "itm_score"]
+    if (root / "scores.parquet").is_file():
+        try:
+            scores = pd.read_parquet(root / "scores.parquet")
+        except (OSError, ValueError) as exc:
+            raise CapfiltError(f"{root / 'scores.parquet'}: unreadable; run the bootstrap stage ({exc})") from None
+        return scores.rename(columns={"kind": "source", "filter_score": "score"}).assign(
+            kept=scores["reason"] == "")[cols + ["itc_score", "score", "kept"]]
     manifest = read_manifest(root / "manifest.parquet", "bootstrapped")
     try:
         removed = pd.read_parquet(root / "removed.parquet")
     except (OSError, ValueError) as exc:
         raise CapfiltError(f"{root / 'removed.parquet'}: unreadable; run the bootstrap stage ({exc})") from None
-    cols = ["sample_id", "image_key", "source", "caption", "shard", "member", "itm_score"]
     kept = manifest.loc[manifest["source"] != "human", cols].assign(kept=True)
-    return pd.concat([kept, removed[cols].assign(kept=False)], ignore_index=True)
+    every = pd.concat([kept, removed[cols].assign(kept=False)], ignore_index=True)
+    return every.assign(itc_score=np.nan, score=every["itm_score"])[cols + ["itc_score", "score", "kept"]]
 
 
 def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None) -> dict[str, Any]:
-    """AUROC, removal precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
+    """AUROC (of the filter score; also of ITM and ITC alone), removal precision/recall, kept
+    fractions per noise kind, wrong kept synthetic captions."""
     web = decisions[decisions["source"] == "web"].copy()
     web["noise"] = [truth["noise"].get(Path(k).stem, "unknown") for k in web["image_key"]]
     noisy, removed = (web["noise"] != "correct").to_numpy(), ~web["kept"].to_numpy()
     hits = int((noisy & removed).sum())
+    itc = web["itc_score"].to_numpy(dtype=float) if "itc_score" in web else np.full(len(web), np.nan)
     out: dict[str, Any] = {
-        "auroc": auroc(web["itm_score"].to_numpy(), ~noisy),
+        "auroc": auroc(web["score" if "score" in web else "itm_score"].to_numpy(dtype=float), ~noisy),
+        "auroc_itm": auroc(web["itm_score"].to_numpy(dtype=float), ~noisy),
+        "auroc_itc": auroc(itc, ~noisy) if np.isfinite(itc).all() else None,
         "precision": hits / removed.sum() if removed.sum() else float("nan"),
         "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
         "kept_fraction": float(web["kept"].mean()),
@@ -219,11 +234,17 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     return out
 
 
-def _bootstrap_threshold(root: Path) -> float | None:
+def bootstrap_threshold(root: Path) -> dict[str, Any]:
+    """The bootstrap's signal and thresholds (`itm_threshold` None when the signal is not ITM)."""
     try:
-        return float(json.loads((root / "metrics.json").read_text())["itm_threshold"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        summary = json.loads((root / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {"signal": None, "score_threshold": None, "itm_threshold": None}
+    signal = summary.get("signal", "itm")
+    itm = summary.get("itm_threshold")
+    score = summary.get("score_threshold", itm)
+    return {"signal": signal, "score_threshold": None if score is None else float(score),
+            "itm_threshold": None if itm is None else float(itm)}
 
 
 def _finite(value: Any) -> Any:
@@ -266,7 +287,7 @@ def bootstrap_quality(cfg: EvaluateConfig, bootstrap_dir: Path) -> dict[str, Any
         return None
     decisions = web_decisions(cfg.model_copy(update={"bootstrap": str(bootstrap_dir)}))
     quality = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
-    return _finite({**quality, "itm_threshold": _bootstrap_threshold(Path(bootstrap_dir))})
+    return _finite({**quality, **bootstrap_threshold(Path(bootstrap_dir))})
 
 
 def _stage_metrics(path: Path) -> dict[str, Any] | None:
@@ -319,7 +340,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         decisions = web_decisions(cfg)
         if truth is not None:
             metrics["filter"] = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
-            metrics["filter"]["itm_threshold"] = _bootstrap_threshold(Path(cfg.bootstrap))
+            metrics["filter"].update(bootstrap_threshold(Path(cfg.bootstrap)))
     for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg))):
         if extra is not None:
             metrics[key] = extra

@@ -27,6 +27,7 @@ from components.shards import ShardReader
 
 HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
 BINS = 20
+SCORE_LABELS = {"itm": "ITM p(match)", "itm_itc": "ITM log-odds + ITC logit"}  # by bootstrap.signal
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
@@ -64,13 +65,16 @@ def ablation_table(metrics: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["variant", "human", "web", "synthetic", *keys])
 
 
-def itm_histogram(web: pd.DataFrame) -> pd.DataFrame:
-    """Counts of web-text ITM scores per bin, clean (`correct`) vs noisy."""
-    edges = np.linspace(0.0, 1.0, BINS + 1)
-    clean = web["noise"] == "correct"
+def itm_histogram(web: pd.DataFrame, column: str = "itm_score", probability: bool = True) -> pd.DataFrame:
+    """Counts of web-text filter scores per bin, clean (`correct`) vs noisy; bins over [0, 1]
+    for a probability, else over the scores' range."""
+    values = web[column].to_numpy(dtype=float)
+    lo, hi = (0.0, 1.0) if probability or not len(values) else (float(values.min()), float(values.max()))
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, BINS + 1)
+    clean = (web["noise"] == "correct").to_numpy()
     table = pd.DataFrame({"bin": np.round((edges[:-1] + edges[1:]) / 2, 3)})
-    table["clean"] = np.histogram(web.loc[clean, "itm_score"], edges)[0]
-    table["noisy"] = np.histogram(web.loc[~clean, "itm_score"], edges)[0]
+    table["clean"] = np.histogram(values[clean], edges)[0]
+    table["noisy"] = np.histogram(values[~clean], edges)[0]
     return table
 
 
@@ -114,19 +118,19 @@ def plot_ablation(table: pd.DataFrame) -> bytes:
     return plot_bars(keys, series, "CapFilt ablation: test set after pre-training on each corpus")
 
 
-def plot_histogram(hist: pd.DataFrame, threshold: float | None) -> bytes:
+def plot_histogram(hist: pd.DataFrame, threshold: float | None, xlabel: str = SCORE_LABELS["itm"]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 1.0 / BINS
+    width = float(hist["bin"].iloc[1] - hist["bin"].iloc[0]) if len(hist) > 1 else 1.0 / BINS
     ax.bar(hist["bin"], hist["clean"], width, alpha=0.6, label="clean web texts")
     ax.bar(hist["bin"], hist["noisy"], width, alpha=0.6, label="noisy web texts")
     if threshold is not None:
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")
-    ax.set_xlabel("ITM p(match)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("texts")
     ax.set_title("filter scores of web texts")
     ax.legend()
@@ -185,8 +189,9 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
-    rows = [(k, f[k]) for k in ("auroc", "precision", "recall", "kept_fraction",
-                                "synthetic_kept_wrong_fraction", "synthetic_kept") if k in f]
+    rows = [(k, f[k]) for k in ("signal", "auroc", "auroc_itm", "auroc_itc", "score_threshold", "precision",
+                                "recall", "kept_fraction", "synthetic_kept_wrong_fraction", "synthetic_kept")
+            if f.get(k) is not None]
     rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
     return pd.DataFrame(rows, columns=["filter", "value"])
 
@@ -221,9 +226,12 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
         decisions = decisions.assign(noise=[noise.get(Path(k).stem, "unknown") for k in decisions["image_key"]])
         web = decisions[decisions["source"] == "web"]
         if truth is not None:
-            hist = itm_histogram(web)
+            filt = metrics.get("filter", {})
+            signal = filt.get("signal") or "itm"
+            hist = itm_histogram(web, "score" if "score" in web else "itm_score", probability=signal == "itm")
             atomic.write_bytes(out / "plots" / "itm_hist.csv", hist.to_csv(index=False).encode())
-            pngs["itm_hist"] = plot_histogram(hist, metrics.get("filter", {}).get("itm_threshold"))
+            pngs["itm_hist"] = plot_histogram(hist, filt.get("score_threshold", filt.get("itm_threshold")),
+                                              SCORE_LABELS.get(signal, signal))
         grid = grid_html(decisions, pick_grid(web, grid_images), bootstrap_root)
     for name, data in pngs.items():
         atomic.write_bytes(out / "plots" / f"{name}.png", data)

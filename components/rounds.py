@@ -26,7 +26,7 @@ from components.config import Params
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_SUMMARY = ("web_kept_fraction", "synthetic_kept_fraction", "synthetic_fraction", "total_pairs",
-                     "itm_threshold")
+                     "signal", "score_threshold")
 
 
 def round_chain(params: Params, k: int, captioner: Path, filter_dir: Path) -> chain.Chain:

@@ -155,6 +155,51 @@ def test_decide_threshold_semantics():
     assert got["reason"].tolist()[5] == "itc_below_threshold"
 
 
+def test_itm_itc_scores_add_the_itm_log_odds_and_the_itc_logit():
+    p, cos = np.array([0.5, 0.9, 0.1, 0.9]), np.array([0.2, 0.2, 0.6, -0.4])
+    np.testing.assert_array_equal(bootstrap_merge.filter_scores(p, cos, "itm", 0.05), p)
+    got = bootstrap_merge.filter_scores(p, cos, "itm_itc", 0.05)
+    np.testing.assert_allclose(got, np.log(p / (1 - p)) + cos / 0.05)
+    assert got[2] > got[1] > got[0] > got[3]  # a strong cosine outweighs a weak p, and back
+    assert np.isfinite(bootstrap_merge.filter_scores(np.array([0.0, 1.0]), np.zeros(2), "itm_itc", 0.1)).all()
+    with pytest.raises(ValueError, match="itm | itm_itc"):
+        bootstrap_merge.filter_scores(p, cos, "clip", 0.05)
+
+
+def test_decide_on_the_itm_itc_signal():
+    parts = pd.DataFrame({"kind": ["web", "web", "synthetic"], "sample_id": ["a#0", "b#0", "a#syn0"],
+                          "image_key": ["a", "b", "a"], "caption": ["a red ring", "junk", "a blue bar"],
+                          "itm_score": [0.2, 0.6, 0.5], "itc_score": [0.3, 0.0, 0.05]})
+    got = bootstrap_merge.decide(parts, threshold=1.0, itc_threshold=None, signal="itm_itc", temp=0.1)
+    np.testing.assert_allclose(got["filter_score"], [np.log(0.25) + 3.0, np.log(1.5), 0.5])
+    assert got["reason"].tolist() == ["", "score_below_threshold", "score_below_threshold"]
+
+
+def test_a_fixed_threshold_needs_the_itm_signal(world, tmp_path):
+    with pytest.raises(ValueError, match="threshold: calibrated"):
+        boot_cfg(world, tmp_path, signal="itm_itc")
+    assert boot_cfg(world, tmp_path, signal="itm_itc", threshold="calibrated").signal == "itm_itc"
+
+
+def test_the_itm_itc_signal_end_to_end(world, tmp_path):
+    cfg = boot_cfg(world, tmp_path / "out", signal="itm_itc", threshold="calibrated", calibration_keep=0.5,
+                   calibration_samples=8)
+    result = bootstrap.run(cfg, lenient_validation(), ONE)
+    manifest, removed = _tables(Path(cfg.out))
+    scores = pd.read_parquet(Path(cfg.out) / "scores.parquet")
+    assert len(scores) == 20 and set(scores["kind"]) == {"web", "synthetic"}  # 10 web texts + 10 captions
+    temp = result.metrics["itc_temperature"]
+    np.testing.assert_allclose(scores["filter_score"], bootstrap_merge.filter_scores(
+        scores["itm_score"].to_numpy(), scores["itc_score"].to_numpy(), "itm_itc", temp))
+    threshold = result.metrics["score_threshold"]
+    assert result.metrics["signal"] == "itm_itc" and result.metrics["itm_threshold"] is None
+    kept = scores[scores["reason"] == ""]
+    assert (kept["filter_score"] >= threshold).all()
+    assert set(kept["sample_id"]) == set(manifest.loc[manifest["source"] != "human", "sample_id"])
+    assert set(scores.loc[scores["reason"] != "", "sample_id"]) == set(removed["sample_id"])
+    assert (scores.loc[scores["reason"] == "score_below_threshold", "filter_score"] < threshold).all()
+
+
 def test_keep_threshold_keeps_the_asked_fraction():
     scores = np.random.default_rng(0).random(200)
     for keep in (0.5, 0.9, 0.95, 1.0):

@@ -98,6 +98,11 @@ def test_filter_quality_on_hand_made_decisions():
     assert f["auroc"] == 0.75  # clean (0.9, 0.3) vs noisy (0.2, 0.6): 3 of 4 pairs ordered
     assert f["precision"] == 0.5 and f["recall"] == 0.5
     assert f["kept_fraction_by_kind"] == {"correct": 0.5, "junk": 0.0, "other_image": 1.0}
+    assert f["auroc_itm"] == 0.75 and f["auroc_itc"] is None  # no ITC column: not made up
+    # the decision's own score (here ITM + ITC) is what `auroc` ranks; ITM and ITC alone beside it
+    f = evaluate.filter_quality(decisions.assign(score=[2.0, 1.0, -1.0, 0.5], itc_score=[0.4, 0.1, 0.2, 0.3]),
+                                truth, None)
+    assert f["auroc"] == 1.0 and f["auroc_itm"] == 0.75 and f["auroc_itc"] == 0.5
 
 
 def test_shuffled_captions_give_chance_recall_with_a_random_model(tmp_path):
@@ -163,7 +168,8 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     assert metrics["gain"]["i2t_r1"] == 0.0  # the same models twice
     f = metrics["filter"]
     assert set(f["kept_fraction_by_kind"]) == {"correct", "junk", "other_image", "wrong_attribute"}
-    assert 0.0 <= f["auroc"] <= 1.0 and f["itm_threshold"] == SPLIT
+    assert 0.0 <= f["auroc"] <= 1.0 and f["itm_threshold"] == SPLIT == f["score_threshold"]
+    assert f["signal"] == "itm" and f["auroc"] == f["auroc_itm"] and 0.0 <= f["auroc_itc"] <= 1.0
     for name in ("rounds", "itm_hist"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert len(pd.read_csv(out / "plots" / f"{name}.csv")) > 0

@@ -404,6 +404,9 @@ class EvaluateConfig(Section):
     ablation: bool = False  # the ablation stage trains the captioner-only and filter-only corpora
     ablation_out: str = "outputs/ablation"  # the ablation stage: metrics.json, variants/<variant>/
     rounds_out: str = "outputs/rounds"  # the rounds stage's outputs (bootstrap.rounds_out)
+    # other bootstrap outputs of the same web set (e.g. `decoding: beam` into another `out`): their
+    # synthetic captions' noise ratio is compared with `bootstrap`'s (BLIP's nucleus vs beam table)
+    decoding_runs: list[str] = []
 
 
 # --- the root ---------------------------------------------------------------------------------

@@ -234,6 +234,36 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     return out
 
 
+def decoding_row(decisions: pd.DataFrame, web_scenes: dict[str, Any] | None) -> dict[str, Any]:
+    """BLIP's noise ratio of one bootstrap's synthetic captions (the fraction the filter removed,
+    empty ones included) and, with scenes, how many of all / of the kept ones are not exactly right."""
+    syn = decisions[decisions["source"] == "synthetic"]
+    row: dict[str, Any] = {"synthetic": len(syn), "noise_ratio": float((~syn["kept"]).mean()) if len(syn) else None}
+    if web_scenes is not None and len(syn):
+        wrong = 1.0 - score_captions(web_scenes, zip(syn["image_key"], syn["caption"])).strict
+        kept = syn[syn["kept"]]
+        row["wrong_fraction"] = wrong
+        row["kept_wrong_fraction"] = (1.0 - score_captions(web_scenes, zip(kept["image_key"], kept["caption"])).strict
+                                      if len(kept) else None)
+    return row
+
+
+def decoding_comparison(cfg: EvaluateConfig, web_scenes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`decoding_row` of `bootstrap` and of each of `decoding_runs`, keyed by their decoding label."""
+    if not cfg.decoding_runs:
+        return None
+    out: dict[str, Any] = {}
+    for root in [cfg.bootstrap, *cfg.decoding_runs]:
+        if not (Path(root) / "metrics.json").is_file():
+            raise CapfiltError(f"{root}: no bootstrap output (metrics.json missing); run the bootstrap stage "
+                               "with `--set bootstrap.out=...` first (evaluate.decoding_runs)")
+        label = json.loads((Path(root) / "metrics.json").read_text()).get("decoding") or Path(root).name
+        key = label if label not in out else f"{label} [{root}]"
+        out[key] = {"bootstrap": str(root),
+                    **decoding_row(web_decisions(cfg.model_copy(update={"bootstrap": str(root)})), web_scenes)}
+    return out
+
+
 def bootstrap_threshold(root: Path) -> dict[str, Any]:
     """The bootstrap's signal and thresholds (`itm_threshold` None when the signal is not ITM)."""
     try:
@@ -336,12 +366,14 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     metrics["gain"] = {k: None if v is None or metrics["round2"].get(k) is None else metrics["round2"][k] - v
                        for k, v in metrics["round1"].items()}
     decisions, truth = None, _truth(cfg)
+    web_scenes = load_scenes(Path(cfg.web_truth)) if truth is not None else None
     if (Path(cfg.bootstrap) / "manifest.parquet").is_file():
         decisions = web_decisions(cfg)
         if truth is not None:
-            metrics["filter"] = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
+            metrics["filter"] = filter_quality(decisions, truth, web_scenes)
             metrics["filter"].update(bootstrap_threshold(Path(cfg.bootstrap)))
-    for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg))):
+    for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg)),
+                       ("decoding", decoding_comparison(cfg, web_scenes))):
         if extra is not None:
             metrics[key] = extra
     out = Path(cfg.out)

@@ -188,6 +188,13 @@ def _table(df: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def decoding_table(decoding: dict[str, Any]) -> pd.DataFrame:
+    """One row per bootstrap run: decoding, captions, noise ratio, wrong fractions (when scored)."""
+    cols = ["synthetic", "noise_ratio", "wrong_fraction", "kept_wrong_fraction"]
+    return pd.DataFrame([(label, *(row.get(c) for c in cols)) for label, row in decoding.items()],
+                        columns=["decoding", *cols])
+
+
 def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
     rows = [(k, f[k]) for k in ("signal", "auroc", "auroc_itm", "auroc_itc", "score_threshold", "precision",
                                 "recall", "kept_fraction", "synthetic_kept_wrong_fraction", "synthetic_kept")
@@ -205,6 +212,9 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
                   _table(ablation_table(metrics))]
     if "filter" in metrics:
         parts += ["<h2>Filter vs web ground truth</h2>", _table(_filter_table(metrics["filter"]))]
+    if "decoding" in metrics:
+        parts += ["<h2>Synthetic captions by decoding (noise ratio: the fraction the filter removed)</h2>",
+                  _table(decoding_table(metrics["decoding"]))]
     imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
                    for n, b in pngs.items())
     parts += [f'<div class="plots">{imgs}</div>']

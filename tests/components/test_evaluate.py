@@ -105,6 +105,14 @@ def test_filter_quality_on_hand_made_decisions():
     assert f["auroc"] == 1.0 and f["auroc_itm"] == 0.75 and f["auroc_itc"] == 0.5
 
 
+def test_decoding_row_is_the_removed_fraction_of_synthetic_captions():
+    decisions = pd.DataFrame({"source": ["web", "synthetic", "synthetic", "synthetic", "synthetic"],
+                              "image_key": list("abcde"), "caption": ["x", "a", "b", "", "c"],
+                              "kept": [False, True, False, False, True]})
+    assert evaluate.decoding_row(decisions, None) == {"synthetic": 4, "noise_ratio": 0.5}
+    assert evaluate.decoding_row(decisions[decisions["source"] == "web"], None)["noise_ratio"] is None
+
+
 def test_shuffled_captions_give_chance_recall_with_a_random_model(tmp_path):
     torch.set_num_threads(1)
     world = make_world(tmp_path)
@@ -152,13 +160,15 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     world = make_world(tmp_path, n_web=12)
     bootstrap.run(boot_cfg(world, tmp_path / "boot", itm_threshold=SPLIT), lenient_validation(),
                   RankInfo(0, 1, 0))
+    bootstrap.run(boot_cfg(world, tmp_path / "greedy", itm_threshold=SPLIT, decoding="greedy"),
+                  lenient_validation(), RankInfo(0, 1, 0))
     write_truth(tmp_path / "web", 12)
     cfg = EvaluateConfig(test_manifest=str(world.test), round1_captioner=str(world.captioner),
                          round1_filter=str(world.filter), round2_captioner=str(world.captioner),
                          round2_filter=str(world.filter), bootstrap=str(tmp_path / "boot"),
                          web_manifest=str(world.web), test_scenes=str(tmp_path / "none"),
                          web_truth=str(tmp_path / "web"), out=str(tmp_path / "eval"), k_test=4,
-                         grid_images=5, threads=1)
+                         grid_images=5, threads=1, decoding_runs=[str(tmp_path / "greedy")])
     evaluate.run(cfg)
     out = tmp_path / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -170,10 +180,19 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     assert set(f["kept_fraction_by_kind"]) == {"correct", "junk", "other_image", "wrong_attribute"}
     assert 0.0 <= f["auroc"] <= 1.0 and f["itm_threshold"] == SPLIT == f["score_threshold"]
     assert f["signal"] == "itm" and f["auroc"] == f["auroc_itm"] and 0.0 <= f["auroc_itc"] <= 1.0
+    runs = {row["bootstrap"]: (label, row) for label, row in metrics["decoding"].items()}
+    assert set(runs) == {str(tmp_path / "boot"), str(tmp_path / "greedy")}
+    for root, (label, row) in runs.items():
+        scores = pd.read_parquet(Path(root) / "scores.parquet")
+        syn = scores[scores["kind"] == "synthetic"]
+        assert label.startswith("greedy(" if root.endswith("greedy") else "nucleus(")
+        assert row["synthetic"] == len(syn) and row["noise_ratio"] == pytest.approx((syn["reason"] != "").mean())
+        assert 0.0 <= row["wrong_fraction"] <= 1.0
     for name in ("rounds", "itm_hist"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert len(pd.read_csv(out / "plots" / f"{name}.csv")) > 0
     page = (out / "report.html").read_text()
+    assert page.count("Synthetic captions by decoding") == 1
     assert page.count('class="card"') == 5 and "http" not in page and "<script" not in page
     assert page.count("data:image/png;base64,") == 2 + 5
     decisions = evaluate.web_decisions(cfg)

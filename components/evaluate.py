@@ -228,10 +228,16 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     }
     syn = decisions[(decisions["source"] == "synthetic") & decisions["kept"]]
     if web_scenes is not None and len(syn):
-        strict = score_captions(web_scenes, zip(syn["image_key"], syn["caption"])).strict
-        out["synthetic_kept_wrong_fraction"] = 1.0 - strict
+        out["synthetic_kept_wrong_fraction"] = _wrong_fraction(web_scenes, syn)
     out["synthetic_kept"] = len(syn)
     return out
+
+
+def _wrong_fraction(web_scenes: dict[str, Any], rows: pd.DataFrame) -> float | None:
+    """Fraction of `rows` (image_key, caption) whose caption is not exactly right; None if empty."""
+    if not len(rows):
+        return None
+    return 1.0 - score_captions(web_scenes, zip(rows["image_key"], rows["caption"])).strict
 
 
 def decoding_row(decisions: pd.DataFrame, web_scenes: dict[str, Any] | None) -> dict[str, Any]:
@@ -240,11 +246,8 @@ def decoding_row(decisions: pd.DataFrame, web_scenes: dict[str, Any] | None) -> 
     syn = decisions[decisions["source"] == "synthetic"]
     row: dict[str, Any] = {"synthetic": len(syn), "noise_ratio": float((~syn["kept"]).mean()) if len(syn) else None}
     if web_scenes is not None and len(syn):
-        wrong = 1.0 - score_captions(web_scenes, zip(syn["image_key"], syn["caption"])).strict
-        kept = syn[syn["kept"]]
-        row["wrong_fraction"] = wrong
-        row["kept_wrong_fraction"] = (1.0 - score_captions(web_scenes, zip(kept["image_key"], kept["caption"])).strict
-                                      if len(kept) else None)
+        row["wrong_fraction"] = _wrong_fraction(web_scenes, syn)
+        row["kept_wrong_fraction"] = _wrong_fraction(web_scenes, syn[syn["kept"]])
     return row
 
 
@@ -264,8 +267,8 @@ def decoding_comparison(cfg: EvaluateConfig, web_scenes: dict[str, Any] | None) 
     return out
 
 
-def bootstrap_threshold(root: Path) -> dict[str, Any]:
-    """The bootstrap's signal and thresholds (`itm_threshold` None when the signal is not ITM)."""
+def filter_settings(root: Path) -> dict[str, Any]:
+    """A bootstrap's filter signal and thresholds (`itm_threshold` None when the signal is not ITM)."""
     try:
         summary = json.loads((root / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -317,7 +320,7 @@ def bootstrap_quality(cfg: EvaluateConfig, bootstrap_dir: Path) -> dict[str, Any
         return None
     decisions = web_decisions(cfg.model_copy(update={"bootstrap": str(bootstrap_dir)}))
     quality = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
-    return _finite({**quality, **bootstrap_threshold(Path(bootstrap_dir))})
+    return _finite({**quality, **filter_settings(Path(bootstrap_dir))})
 
 
 def _stage_metrics(path: Path) -> dict[str, Any] | None:
@@ -371,7 +374,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         decisions = web_decisions(cfg)
         if truth is not None:
             metrics["filter"] = filter_quality(decisions, truth, web_scenes)
-            metrics["filter"].update(bootstrap_threshold(Path(cfg.bootstrap)))
+            metrics["filter"].update(filter_settings(Path(cfg.bootstrap)))
     for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg)),
                        ("decoding", decoding_comparison(cfg, web_scenes))):
         if extra is not None:

@@ -251,8 +251,10 @@ def decoding_row(decisions: pd.DataFrame, web_scenes: dict[str, Any] | None) -> 
     return row
 
 
-def decoding_comparison(cfg: EvaluateConfig, web_scenes: dict[str, Any] | None) -> dict[str, Any] | None:
-    """`decoding_row` of `bootstrap` and of each of `decoding_runs`, keyed by their decoding label."""
+def decoding_comparison(cfg: EvaluateConfig, web_scenes: dict[str, Any] | None,
+                        decisions: pd.DataFrame | None = None) -> dict[str, Any] | None:
+    """`decoding_row` of `bootstrap` and of each of `decoding_runs`, keyed by their decoding label;
+    `decisions`, when given, are `bootstrap`'s (already read)."""
     if not cfg.decoding_runs:
         return None
     out: dict[str, Any] = {}
@@ -262,8 +264,9 @@ def decoding_comparison(cfg: EvaluateConfig, web_scenes: dict[str, Any] | None) 
                                "with `--set bootstrap.out=...` first (evaluate.decoding_runs)")
         label = json.loads((Path(root) / "metrics.json").read_text()).get("decoding") or Path(root).name
         key = label if label not in out else f"{label} [{root}]"
-        out[key] = {"bootstrap": str(root),
-                    **decoding_row(web_decisions(cfg.model_copy(update={"bootstrap": str(root)})), web_scenes)}
+        rows = decisions if decisions is not None and root == cfg.bootstrap else \
+            web_decisions(cfg.model_copy(update={"bootstrap": str(root)}))
+        out[key] = {"bootstrap": str(root), **decoding_row(rows, web_scenes)}
     return out
 
 
@@ -376,7 +379,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
             metrics["filter"] = filter_quality(decisions, truth, web_scenes)
             metrics["filter"].update(filter_settings(Path(cfg.bootstrap)))
     for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg)),
-                       ("decoding", decoding_comparison(cfg, web_scenes))):
+                       ("decoding", decoding_comparison(cfg, web_scenes, decisions))):
         if extra is not None:
             metrics[key] = extra
     out = Path(cfg.out)

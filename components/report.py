@@ -238,10 +238,9 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
         if truth is not None:
             filt = metrics.get("filter", {})
             signal = filt.get("signal") or "itm"
-            hist = itm_histogram(web, "score" if "score" in web else "itm_score", probability=signal == "itm")
+            hist = itm_histogram(web, "score", probability=signal == "itm")
             atomic.write_bytes(out / "plots" / "itm_hist.csv", hist.to_csv(index=False).encode())
-            pngs["itm_hist"] = plot_histogram(hist, filt.get("score_threshold", filt.get("itm_threshold")),
-                                              SCORE_LABELS.get(signal, signal))
+            pngs["itm_hist"] = plot_histogram(hist, filt.get("score_threshold"), SCORE_LABELS.get(signal, signal))
         grid = grid_html(decisions, pick_grid(web, grid_images), bootstrap_root)
     for name, data in pngs.items():
         atomic.write_bytes(out / "plots" / f"{name}.png", data)

@@ -231,7 +231,9 @@ class BlipEncoderBase(nn.Module):
         labels = itm_labels(batch, ids.shape[0] - batch, device=ids.device)
         return itm_loss(logits, labels, self.config.itm_positive_weight)
 
-    @staticmethod
-    def negative_weights(sim_t2i: Tensor, sim_i2t: Tensor, positive: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        """Hard-negative sampling weights for both directions; positive (B, C) bool."""
-        return hard_negative_weights(sim_t2i, positive, eps), hard_negative_weights(sim_i2t, positive, eps)
+    def negative_weights(self, sim_t2i: Tensor, sim_i2t: Tensor, positive: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """Negative sampling weights for both directions from the similarity logits (sim / temp);
+        positive (B, C) bool. The logits are scaled by `itm_negative_hardness` (0: uniform)."""
+        hardness = self.config.itm_negative_hardness
+        return (hard_negative_weights(hardness * sim_t2i, positive, eps),
+                hard_negative_weights(hardness * sim_i2t, positive, eps))

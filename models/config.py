@@ -90,6 +90,9 @@ class BlipConfig:
     share_cross_attention: bool = True  # pre-training: decoder shares cross-attention with encoder
     negative_all_rank: bool = False  # filter fine-tune: ITM negatives from every rank
     itm_positive_weight: float = 1.0  # ITM loss weight of a positive pair; 2.0 balances BLIP's 1:2 pos:neg
+    # ITM negatives are drawn with weights softmax(hardness * ITC similarity / temp): 1 = BLIP's hard
+    # negatives; 0 = uniform over the non-positives (for corpora of near-identical scenes: README)
+    itm_negative_hardness: float = 1.0
 
 
 def _sizes(width: int, depth: int, heads: int) -> dict[str, int]:
@@ -183,6 +186,9 @@ def validate(config: BlipConfig) -> None:
         raise ValueError(f"vision.width {v.width} is not divisible by vision.heads {v.heads}")
     if t.hidden_size % t.num_heads:
         raise ValueError(f"text.hidden_size {t.hidden_size} is not divisible by text.num_heads {t.num_heads}")
+    if config.itm_negative_hardness < 0:
+        raise ValueError(f"itm_negative_hardness must be >= 0 (1: hard negatives, 0: uniform), "
+                         f"got {config.itm_negative_hardness}")
     if v.pos_embed_init not in ("learned", "sincos"):
         raise ValueError(f"vision.pos_embed_init must be 'learned' or 'sincos', got {v.pos_embed_init!r}")
     ids = {k: getattr(t, k) for k in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "enc_token_id")}

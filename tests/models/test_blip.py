@@ -211,6 +211,24 @@ def test_filter_step_with_image_id_positives():
     assert torch.isfinite(same.loss)
 
 
+@pytest.mark.parametrize("cls", [BlipPretrain, BlipFilter])
+def test_itm_negative_hardness_scales_the_sampling_logits(cls):
+    sim = torch.tensor([[10.0, 0.0, 2.0, -3.0], [1.0, 8.0, 0.0, 0.0]])
+    positive = torch.tensor([[True, False, False, False], [False, True, True, False]])
+    hard = cls(resolve_config("tiny", {"text.num_layers": 1, "vision.depth": 1, "queue_size": 16,
+                                       "text.vocab_size": 60}))
+    w_hard, _ = hard.negative_weights(sim, sim, positive, 0.0)
+    expected = torch.softmax(sim, 1).masked_fill(positive, 0.0)
+    torch.testing.assert_close(w_hard, expected)
+    uniform = cls(resolve_config("tiny", {"text.num_layers": 1, "vision.depth": 1, "queue_size": 16,
+                                          "text.vocab_size": 60, "itm_negative_hardness": 0.0}))
+    w_t2i, w_i2t = uniform.negative_weights(sim, -sim, positive, 0.0)
+    for w in (w_t2i, w_i2t):  # the same weight on every non-positive, whatever the similarity
+        assert (w[positive] == 0).all()
+        assert torch.allclose(w[0, 1:], w[0, 1]) and torch.allclose(w[1, [0, 3]], w[1, 0])
+        assert w[1, 0] > 0
+
+
 def test_filter_negative_all_rank_path():
     cfg = resolve_config("tiny", {"text.num_layers": 1, "vision.depth": 1, "queue_size": 16,
                                   "text.vocab_size": 60, "negative_all_rank": True})

@@ -186,8 +186,8 @@ def validate(config: BlipConfig) -> None:
         raise ValueError(f"vision.width {v.width} is not divisible by vision.heads {v.heads}")
     if t.hidden_size % t.num_heads:
         raise ValueError(f"text.hidden_size {t.hidden_size} is not divisible by text.num_heads {t.num_heads}")
-    if config.itm_negative_hardness < 0:
-        raise ValueError(f"itm_negative_hardness must be >= 0 (1: hard negatives, 0: uniform), "
+    if not (math.isfinite(config.itm_negative_hardness) and config.itm_negative_hardness >= 0):
+        raise ValueError(f"itm_negative_hardness must be a finite number >= 0 (1: hard negatives, 0: uniform), "
                          f"got {config.itm_negative_hardness}")
     if v.pos_embed_init not in ("learned", "sincos"):
         raise ValueError(f"vision.pos_embed_init must be 'learned' or 'sincos', got {v.pos_embed_init!r}")

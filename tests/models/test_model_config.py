@@ -42,8 +42,9 @@ def test_wrong_type_and_bad_values_are_rejected():
         resolve_config("tiny", {"text.vocab_size": 4})
     with pytest.raises(ValueError, match="unknown model preset"):
         resolve_config("huge", {})
-    with pytest.raises(ValueError, match="itm_negative_hardness"):
-        resolve_config("tiny", {"itm_negative_hardness": -0.5})
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="itm_negative_hardness"):
+            resolve_config("tiny", {"itm_negative_hardness": bad})
 
 
 def test_dict_round_trip_through_json():

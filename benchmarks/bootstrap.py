@@ -9,7 +9,7 @@ image keys/values across both texts, per-image seeded sampling); transformers ru
 The transformers models have random weights (peaked LM head, as `benchmarks/caption.py` builds
 them) and are converted into capfilt with `models.convert`, so both sides run identical weights
 and configs. Runs alternate; the best of the rounds is kept. capfilt also runs with
-`bootstrap.precision: bf16` (bf16 autocast on the CPU too; transformers stays fp32, as a
+`bootstrap.precision: bf16` (bf16 weights and autocast on the CPU too; transformers stays fp32, as a
 straightforward loop would). The last line is one JSON object with images/s of each side,
 `ratio` = capfilt (default precision) / transformers and `ratio_bf16`.
 `--scaling` adds capfilt alone on 1x, 2x and 4x the images (seconds, peak memory growth).
@@ -19,6 +19,7 @@ Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--thread
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -37,7 +38,7 @@ import psutil
 import torch
 from PIL import Image
 
-from components.batch_inference import Images, Loaded, tokenize
+from components.batch_inference import Images, Loaded, for_inference, inference_dtype, tokenize
 from components.bootstrap import Models, process_shard
 from components.config import BootstrapConfig, TokenizerConfig
 from components.shards import ShardWriter
@@ -109,10 +110,14 @@ def hf_loop(hf_cap: Any, hf_itm: Any, tok: Any, rows: pd.DataFrame, root: Path, 
 
 def _capfilt_models(tok: Any, config: Any, pair: dict[str, tuple[Any, Any]], dev: torch.device,
                     precision: str = "auto") -> Models:
-    """capfilt's side of `pair` (the converted captioner and filter) as the bootstrap stage loads it."""
+    """capfilt's side of `pair` (the converted captioner and filter) as the bootstrap stage loads it:
+    weights stored in the precision's dtype (a copy when that is not fp32, so both sides keep theirs)."""
     size = config.vision.image_size
     cap, itm = pair["BlipForConditionalGeneration"][1].to(dev), pair["BlipForImageTextRetrieval"][1].to(dev)
-    return Models(Loaded(cap, tok, "-", size), Loaded(itm, tok, "-", size), _generation(config), dev, precision)
+    if inference_dtype(dev, precision) != torch.float32:
+        cap, itm = copy.deepcopy(cap), copy.deepcopy(itm)
+    loaded = [for_inference(Loaded(m, tok, "-", size), precision) for m in (cap, itm)]
+    return Models(loaded[0], loaded[1], _generation(config), dev, precision)
 
 
 def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.device) -> dict:

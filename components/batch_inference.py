@@ -54,14 +54,32 @@ def device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(dev: torch.device, precision: str = "auto") -> AbstractContextManager[Any]:
-    """Inference precision: `auto` = bf16 autocast on a GPU, plain fp32 on the CPU; `bf16` = bf16
-    autocast on either (worth it on CPUs with native bf16 matmuls: AVX512-BF16 or AMX); `fp32`."""
+def inference_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype:
+    """Inference precision: `auto` = bf16 on a GPU, fp32 on the CPU; `bf16` = bf16 on either (worth
+    it on CPUs with native bf16 matmuls: AVX512-BF16 or AMX); `fp32`."""
     if precision not in ("auto", "fp32", "bf16"):
         raise CapfiltError(f"unknown inference precision {precision!r}; use auto, fp32 or bf16")
     if precision == "bf16" or (precision == "auto" and dev.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(dev: torch.device, precision: str = "auto") -> AbstractContextManager[Any]:
+    """bf16 autocast where `inference_dtype` is bf16, else nothing (plain fp32)."""
+    if inference_dtype(dev, precision) == torch.bfloat16:
         return torch.autocast(dev.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def for_inference(loaded: Loaded, precision: str = "auto") -> Loaded:
+    """Store a loaded model's weights in its inference dtype (in place; returns `loaded`).
+
+    Under bf16 autocast, fp32 weights are cast again at every call; with few rows per call (a
+    decoding step) that is a third of the time: a 768-wide MLP on 64 rows took 1.22 ms with fp32
+    weights and 0.80 ms with bf16 ones on a 2-core AVX512-BF16 CPU. Never for training."""
+    dev = next(loaded.model.parameters()).device
+    loaded.model.to(inference_dtype(dev, precision))
+    return loaded
 
 
 def checkpoint_hash(directory: Path | str) -> str:

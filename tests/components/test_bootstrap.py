@@ -289,8 +289,11 @@ def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, t
     index = torch.arange(len(web))
     scores = {}
     for precision in ("fp32", "bf16"):
+        filt = bootstrap.load_models(cfg.model_copy(update={"precision": precision})).filter
+        stored = torch.float32 if precision == "fp32" else torch.bfloat16  # weights kept in the autocast dtype
+        assert {p.dtype for p in filt.model.parameters()} == {stored}
         with torch.inference_mode(), autocast(models.device, precision):
-            scores[precision] = np.array(score_texts(models.filter, tensor, web["caption"].tolist(), index, cfg.text))
+            scores[precision] = np.array(score_texts(filt, tensor, web["caption"].tolist(), index, cfg.text))
     assert np.abs(scores["bf16"] - scores["fp32"]).max() < 0.05
     assert not np.array_equal(scores["bf16"], scores["fp32"])  # bf16 really ran
     with pytest.raises(CapfiltError, match="unknown inference precision 'fp8'"):

@@ -21,11 +21,12 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 setup: $(STAMP)
 
-# Idempotent: re-installs only when the lock file or the package metadata change.
+# Idempotent: re-installs only when the lock file or the package metadata change. The virtualenv
+# takes ~7 GB (torch's CUDA wheels); no pip cache, so a download needs no second copy on disk.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --no-cache-dir -r requirements.lock
+	$(BIN)/pip install --quiet --no-cache-dir --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "from components.distributed import prebuild_ops; prebuild_ops()"
 	touch $(STAMP)
 

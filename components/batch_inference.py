@@ -94,23 +94,26 @@ def checkpoint_hash(directory: Path | str) -> str:
     return h.hexdigest()[:16]
 
 
-def _load(directory: Path | str, kinds: tuple[str, ...], dev: torch.device) -> Loaded:
+def _load(directory: Path | str, kinds: tuple[str, ...], dev: torch.device, precision: str) -> Loaded:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CapfiltError(f"{directory}: no exported model (config.json missing); train or convert one first")
+    inference_dtype(dev, precision)  # an unknown precision fails before the weights are read
     model = load_model(directory, kinds).to(dev).eval()
-    return Loaded(model, load_any_tokenizer(directory), checkpoint_hash(directory),
-                  model.config.vision.image_size)
+    loaded = Loaded(model, load_any_tokenizer(directory), checkpoint_hash(directory),
+                    model.config.vision.image_size)
+    return for_inference(loaded, precision)
 
 
-def load_captioner(directory: Path | str, dev: torch.device) -> Loaded:
-    """A captioner (or pre-trained) model directory: weights + config + tokenizer."""
-    return _load(directory, ("captioner", "pretrain"), dev)
+def load_captioner(directory: Path | str, dev: torch.device, precision: str = "auto") -> Loaded:
+    """A captioner (or pre-trained) model directory: weights + config + tokenizer, the weights in
+    the inference dtype of `precision` (run it under `autocast(dev, precision)`)."""
+    return _load(directory, ("captioner", "pretrain"), dev, precision)
 
 
-def load_filter(directory: Path | str, dev: torch.device) -> Loaded:
-    """A filter (or pre-trained) model directory: weights + config + tokenizer."""
-    return _load(directory, ("filter", "pretrain"), dev)
+def load_filter(directory: Path | str, dev: torch.device, precision: str = "auto") -> Loaded:
+    """A filter (or pre-trained) model directory: weights + config + tokenizer, as `load_captioner`."""
+    return _load(directory, ("filter", "pretrain"), dev, precision)
 
 
 class Images:

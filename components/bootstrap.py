@@ -31,7 +31,7 @@ from components import bootstrap_merge
 from components.config import BootstrapConfig, ValidationConfig
 from components.distributed import RankInfo, rank_info
 from components.errors import CapfiltError
-from components.batch_inference import (Images, Loaded, autocast, caption, device, for_inference,
+from components.batch_inference import (Images, Loaded, autocast, caption, device,
                                         generation_config, image_seed, load_captioner, load_filter,
                                         score_texts)
 from components.schemas import read_manifest
@@ -100,8 +100,8 @@ def fingerprint(cfg: BootstrapConfig, models: Models) -> str:
 def load_models(cfg: BootstrapConfig, dev: torch.device | None = None) -> Models:
     """Open the captioner and filter directories named by `cfg` on `dev` (default: best device)."""
     dev = dev or device()
-    captioner = for_inference(load_captioner(cfg.captioner, dev), cfg.precision)
-    filt = for_inference(load_filter(cfg.filter, dev), cfg.precision)
+    captioner = load_captioner(cfg.captioner, dev, cfg.precision)
+    filt = load_filter(cfg.filter, dev, cfg.precision)
     gen = generation_config(captioner, cfg.decoding, cfg.captions_per_image, num_beams=cfg.num_beams,
                             top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from components import report
-from components.batch_inference import (Images, Loaded, autocast, caption, device, for_inference,
+from components.batch_inference import (Images, Loaded, autocast, caption, device,
                                         generation_config, load_captioner, load_filter, tokenize)
 from components.bootstrap_merge import write_json
 from components.config import EvaluateConfig
@@ -146,7 +146,7 @@ def retrieval(filt: Loaded, image: torch.Tensor, texts: list[str], text_image: n
 def evaluate_round(cfg: EvaluateConfig, test: pd.DataFrame, scenes: dict[str, Any] | None,
                    captioner_dir: str, filter_dir: str, dev: torch.device) -> tuple[dict[str, float], dict[str, str]]:
     """One round's metrics and its caption per test image."""
-    captioner, filt = for_inference(load_captioner(captioner_dir, dev)), for_inference(load_filter(filter_dir, dev))
+    captioner, filt = load_captioner(captioner_dir, dev), load_filter(filter_dir, dev)
     gen = generation_config(captioner, "beam", 1, num_beams=cfg.num_beams, top_p=0.9,
                             repetition_penalty=cfg.repetition_penalty,
                             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)

@@ -92,7 +92,7 @@ def caption_images(model_dir: Path, images: Sequence[Path], options: CaptionOpti
         paths = list(images[start : start + step])
         pixels = load_images(paths, captioner.image_size).to(dev)
         seeds = [infer.image_seed(options.seed, str(p)) for p in paths]
-        with torch.inference_mode():
+        with torch.inference_mode(), infer.autocast(dev):
             captions = infer.caption(captioner, pixels, cfg, options.prompt, seeds)
         for path, text in zip(paths, captions, strict=True):
             yield {"image": str(path), "caption": text}
@@ -111,7 +111,7 @@ def match_texts(model_dir: Path, image: Path, texts: Sequence[str],
     dev = _device(device)
     filt = infer.load_filter(model_dir, dev)
     pixels = load_images([image], filt.image_size).to(dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), infer.autocast(dev):
         itm, itc = infer.score_texts(filt, pixels, list(texts), torch.zeros(len(texts), dtype=torch.long),
                                      text_input(filt.model))
     return [{"text": text, "itm": round(p, 6), "itc": round(s, 6)}

@@ -73,7 +73,7 @@ class CaptionerModel(_CapfiltModel):
         # nucleus draws from a generator per image, seeded by (seed, the image's bytes)
         seeds = [infer.image_seed(options.seed, hashlib.sha256(bytes(raw)).hexdigest())
                  for raw in model_input["image"]]
-        with torch.inference_mode():
+        with torch.inference_mode(), infer.autocast(self.device):
             captions = infer.caption(self.loaded, images, generation_config(self.loaded, options),
                                      options.prompt, seeds)
         return pd.DataFrame({"caption": captions})
@@ -94,6 +94,6 @@ class MatchModel(_CapfiltModel):
         images = self._images(model_input["image"])
         texts = [str(t) for t in model_input["text"]]
         cfg = text_input(self.loaded.model, int(self.options.get("max_words", MAX_WORDS)))
-        with torch.inference_mode():
+        with torch.inference_mode(), infer.autocast(self.device):
             itm, _ = infer.score_texts(self.loaded, images, texts, torch.arange(len(texts)), cfg)
         return pd.DataFrame({"score": pd.Series(itm, dtype="float64")})

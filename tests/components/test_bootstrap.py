@@ -277,7 +277,7 @@ def test_dvc_stages_match_params_and_the_stage_table():
 
 
 def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, tmp_path):
-    from components.batch_inference import autocast, score_texts
+    from components.batch_inference import autocast, load_filter, score_texts
 
     cfg = boot_cfg(world, tmp_path / "out")
     models = bootstrap.load_models(cfg)
@@ -298,6 +298,8 @@ def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, t
     assert not np.array_equal(scores["bf16"], scores["fp32"])  # bf16 really ran
     with pytest.raises(CapfiltError, match="unknown inference precision 'fp8'"):
         autocast(models.device, "fp8")
+    with pytest.raises(CapfiltError, match="unknown inference precision 'fp8'"):
+        load_filter(cfg.filter, models.device, "fp8")  # before any weight is read
     bootstrap.run(boot_cfg(world, tmp_path / "bf16", precision="bf16"), lenient_validation(), ONE)
     manifest, removed = _tables(tmp_path / "bf16")
     kept = set(manifest.loc[manifest["source"] == "web", "sample_id"])

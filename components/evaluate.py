@@ -34,7 +34,7 @@ import torch
 from components import report
 from components.batch_inference import (Images, Loaded, autocast, caption, device,
                                         generation_config, load_captioner, load_filter, tokenize)
-from components.bootstrap_merge import write_json
+from components.bootstrap_merge import filter_scores, write_json
 from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
@@ -209,18 +209,28 @@ def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
     return every.assign(itc_score=np.nan, score=every["itm_score"])[cols + ["itc_score", "score", "kept"]]
 
 
-def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None) -> dict[str, Any]:
-    """AUROC (of the filter score; also of ITM and ITC alone), removal precision/recall, kept
-    fractions per noise kind, wrong kept synthetic captions."""
+def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None,
+                   temp: float | None = None) -> dict[str, Any]:
+    """AUROC (of the filter score, per noise kind against the correct texts; also of ITM, ITC and,
+    given the filter's ITC temperature, their sum as `signal: itm_itc` scores), removal
+    precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
     web = decisions[decisions["source"] == "web"].copy()
     web["noise"] = [truth["noise"].get(Path(k).stem, "unknown") for k in web["image_key"]]
     noisy, removed = (web["noise"] != "correct").to_numpy(), ~web["kept"].to_numpy()
     hits = int((noisy & removed).sum())
+    itm = web["itm_score"].to_numpy(dtype=float)
     itc = web["itc_score"].to_numpy(dtype=float) if "itc_score" in web else np.full(len(web), np.nan)
+    score = web["score" if "score" in web else "itm_score"].to_numpy(dtype=float)
+    both = np.isfinite(itc).all() and temp is not None and temp > 0
+    correct = web["noise"].to_numpy() == "correct"
     out: dict[str, Any] = {
-        "auroc": auroc(web["score" if "score" in web else "itm_score"].to_numpy(dtype=float), ~noisy),
-        "auroc_itm": auroc(web["itm_score"].to_numpy(dtype=float), ~noisy),
+        "auroc": auroc(score, ~noisy),
+        "auroc_itm": auroc(itm, ~noisy),
         "auroc_itc": auroc(itc, ~noisy) if np.isfinite(itc).all() else None,
+        "auroc_itm_itc": auroc(filter_scores(itm, itc, "itm_itc", temp), ~noisy) if both else None,
+        "auroc_by_kind": {k: auroc(score[correct | (web["noise"] == k).to_numpy()],
+                                   correct[correct | (web["noise"] == k).to_numpy()])
+                          for k in sorted(set(web["noise"]) - {"correct"})},
         "precision": hits / removed.sum() if removed.sum() else float("nan"),
         "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
         "kept_fraction": float(web["kept"].mean()),
@@ -275,12 +285,14 @@ def filter_settings(root: Path) -> dict[str, Any]:
     try:
         summary = json.loads((root / "metrics.json").read_text())
     except (OSError, ValueError):
-        return {"signal": None, "score_threshold": None, "itm_threshold": None}
+        return {"signal": None, "score_threshold": None, "itm_threshold": None, "itc_temperature": None}
     signal = summary.get("signal", "itm")
     itm = summary.get("itm_threshold")
     score = summary.get("score_threshold", itm)
+    temp = summary.get("itc_temperature")
     return {"signal": signal, "score_threshold": None if score is None else float(score),
-            "itm_threshold": None if itm is None else float(itm)}
+            "itm_threshold": None if itm is None else float(itm),
+            "itc_temperature": None if temp is None else float(temp)}
 
 
 def _finite(value: Any) -> Any:
@@ -322,8 +334,9 @@ def bootstrap_quality(cfg: EvaluateConfig, bootstrap_dir: Path) -> dict[str, Any
     if truth is None:
         return None
     decisions = web_decisions(cfg.model_copy(update={"bootstrap": str(bootstrap_dir)}))
-    quality = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)))
-    return _finite({**quality, **filter_settings(Path(bootstrap_dir))})
+    settings = filter_settings(Path(bootstrap_dir))
+    quality = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)), settings["itc_temperature"])
+    return _finite({**quality, **settings})
 
 
 def _stage_metrics(path: Path) -> dict[str, Any] | None:
@@ -376,8 +389,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if (Path(cfg.bootstrap) / "manifest.parquet").is_file():
         decisions = web_decisions(cfg)
         if truth is not None:
-            metrics["filter"] = filter_quality(decisions, truth, web_scenes)
-            metrics["filter"].update(filter_settings(Path(cfg.bootstrap)))
+            settings = filter_settings(Path(cfg.bootstrap))
+            metrics["filter"] = filter_quality(decisions, truth, web_scenes, settings["itc_temperature"])
+            metrics["filter"].update(settings)
     for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg)),
                        ("decoding", decoding_comparison(cfg, web_scenes, decisions))):
         if extra is not None:

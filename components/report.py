@@ -196,9 +196,11 @@ def decoding_table(decoding: dict[str, Any]) -> pd.DataFrame:
 
 
 def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
-    rows = [(k, f[k]) for k in ("signal", "auroc", "auroc_itm", "auroc_itc", "score_threshold", "precision",
-                                "recall", "kept_fraction", "synthetic_kept_wrong_fraction", "synthetic_kept")
+    rows = [(k, f[k]) for k in ("signal", "auroc", "auroc_itm", "auroc_itc", "auroc_itm_itc", "score_threshold",
+                                "precision", "recall", "kept_fraction", "synthetic_kept_wrong_fraction",
+                                "synthetic_kept")
             if f.get(k) is not None]
+    rows += [(f"auroc: correct vs {k}", v) for k, v in f.get("auroc_by_kind", {}).items() if v is not None]
     rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
     return pd.DataFrame(rows, columns=["filter", "value"])
 

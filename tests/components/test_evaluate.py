@@ -99,10 +99,18 @@ def test_filter_quality_on_hand_made_decisions():
     assert f["precision"] == 0.5 and f["recall"] == 0.5
     assert f["kept_fraction_by_kind"] == {"correct": 0.5, "junk": 0.0, "other_image": 1.0}
     assert f["auroc_itm"] == 0.75 and f["auroc_itc"] is None  # no ITC column: not made up
+    assert f["auroc_itm_itc"] is None  # nor their sum
+    assert f["auroc_by_kind"] == {"junk": 1.0, "other_image": 0.5}  # (0.9, 0.3) vs 0.2; vs 0.6
     # the decision's own score (here ITM + ITC) is what `auroc` ranks; ITM and ITC alone beside it
     f = evaluate.filter_quality(decisions.assign(score=[2.0, 1.0, -1.0, 0.5], itc_score=[0.4, 0.1, 0.2, 0.3]),
                                 truth, None)
     assert f["auroc"] == 1.0 and f["auroc_itm"] == 0.75 and f["auroc_itc"] == 0.5
+    assert f["auroc_itm_itc"] is None  # no temperature given: the sum is not made up either
+    # with the filter's temperature: log-odds + cosine / temp, as `signal: itm_itc` would score
+    f = evaluate.filter_quality(decisions.assign(itc_score=[0.4, 0.1, 0.2, 0.3]), truth, None, temp=0.1)
+    logit = np.log(np.array([0.9, 0.3, 0.2, 0.6]) / (1 - np.array([0.9, 0.3, 0.2, 0.6])))
+    summed = logit + np.array([0.4, 0.1, 0.2, 0.3]) / 0.1  # 6.2, 0.15, 0.61, 3.41
+    assert f["auroc_itm_itc"] == evaluate.auroc(summed, np.array([1, 1, 0, 0], bool)) == 0.5
 
 
 def test_decoding_row_is_the_removed_fraction_of_synthetic_captions():
@@ -180,6 +188,8 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     assert set(f["kept_fraction_by_kind"]) == {"correct", "junk", "other_image", "wrong_attribute"}
     assert 0.0 <= f["auroc"] <= 1.0 and f["itm_threshold"] == SPLIT == f["score_threshold"]
     assert f["signal"] == "itm" and f["auroc"] == f["auroc_itm"] and 0.0 <= f["auroc_itc"] <= 1.0
+    assert f["itc_temperature"] > 0 and 0.0 <= f["auroc_itm_itc"] <= 1.0
+    assert set(f["auroc_by_kind"]) == {"junk", "other_image", "wrong_attribute"}
     runs = {row["bootstrap"]: (label, row) for label, row in metrics["decoding"].items()}
     assert set(runs) == {str(tmp_path / "boot"), str(tmp_path / "greedy")}
     for root, (label, row) in runs.items():

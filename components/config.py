@@ -115,7 +115,8 @@ class AugmentConfig(Section):
 
 
 class TextAugmentConfig(Section):
-    """Partial-caption augmentation for the filter fine-tune (not in BLIP's recipe; off unless set).
+    """Partial-caption augmentation for the filter fine-tune (not in BLIP's recipe, so off by default
+    here; the embedded default's params turn it on for every caption).
 
     Human captions describe a whole image, web alt-texts only part of it; an ITM head that only
     ever saw whole descriptions as positives scores true-but-partial texts as mismatches. With

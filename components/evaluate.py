@@ -221,16 +221,16 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     itm = web["itm_score"].to_numpy(dtype=float)
     itc = web["itc_score"].to_numpy(dtype=float) if "itc_score" in web else np.full(len(web), np.nan)
     score = web["score" if "score" in web else "itm_score"].to_numpy(dtype=float)
-    both = np.isfinite(itc).all() and temp is not None and temp > 0
-    correct = web["noise"].to_numpy() == "correct"
+    has_itc = bool(np.isfinite(itc).all())
+    noise = web["noise"].to_numpy()
+    kinds = {k: ~noisy | (noise == k) for k in sorted(set(noise) - {"correct"})}  # correct + one kind
     out: dict[str, Any] = {
         "auroc": auroc(score, ~noisy),
         "auroc_itm": auroc(itm, ~noisy),
-        "auroc_itc": auroc(itc, ~noisy) if np.isfinite(itc).all() else None,
-        "auroc_itm_itc": auroc(filter_scores(itm, itc, "itm_itc", temp), ~noisy) if both else None,
-        "auroc_by_kind": {k: auroc(score[correct | (web["noise"] == k).to_numpy()],
-                                   correct[correct | (web["noise"] == k).to_numpy()])
-                          for k in sorted(set(web["noise"]) - {"correct"})},
+        "auroc_itc": auroc(itc, ~noisy) if has_itc else None,
+        "auroc_itm_itc": auroc(filter_scores(itm, itc, "itm_itc", temp), ~noisy)
+        if has_itc and temp is not None and temp > 0 else None,
+        "auroc_by_kind": {k: auroc(score[rows], ~noisy[rows]) for k, rows in kinds.items()},
         "precision": hits / removed.sum() if removed.sum() else float("nan"),
         "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
         "kept_fraction": float(web["kept"].mean()),
@@ -295,6 +295,14 @@ def filter_settings(root: Path) -> dict[str, Any]:
             "itc_temperature": None if temp is None else float(temp)}
 
 
+def filter_metrics(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None,
+                   bootstrap_dir: Path) -> dict[str, Any]:
+    """`filter_quality` of one bootstrap output with its filter settings (signal, thresholds, ITC
+    temperature, which `auroc_itm_itc` needs) beside it."""
+    settings = filter_settings(bootstrap_dir)
+    return {**filter_quality(decisions, truth, web_scenes, settings["itc_temperature"]), **settings}
+
+
 def _finite(value: Any) -> Any:
     """NaN/inf -> None, so metrics.json stays strict JSON."""
     if isinstance(value, dict):
@@ -334,9 +342,7 @@ def bootstrap_quality(cfg: EvaluateConfig, bootstrap_dir: Path) -> dict[str, Any
     if truth is None:
         return None
     decisions = web_decisions(cfg.model_copy(update={"bootstrap": str(bootstrap_dir)}))
-    settings = filter_settings(Path(bootstrap_dir))
-    quality = filter_quality(decisions, truth, load_scenes(Path(cfg.web_truth)), settings["itc_temperature"])
-    return _finite({**quality, **settings})
+    return _finite(filter_metrics(decisions, truth, load_scenes(Path(cfg.web_truth)), Path(bootstrap_dir)))
 
 
 def _stage_metrics(path: Path) -> dict[str, Any] | None:
@@ -389,9 +395,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if (Path(cfg.bootstrap) / "manifest.parquet").is_file():
         decisions = web_decisions(cfg)
         if truth is not None:
-            settings = filter_settings(Path(cfg.bootstrap))
-            metrics["filter"] = filter_quality(decisions, truth, web_scenes, settings["itc_temperature"])
-            metrics["filter"].update(settings)
+            metrics["filter"] = filter_metrics(decisions, truth, web_scenes, Path(cfg.bootstrap))
     for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg)),
                        ("decoding", decoding_comparison(cfg, web_scenes, decisions))):
         if extra is not None:

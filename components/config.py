@@ -115,8 +115,8 @@ class AugmentConfig(Section):
 
 
 class TextAugmentConfig(Section):
-    """Partial-caption augmentation for the filter fine-tune (not in BLIP's recipe, so off by default
-    here; the embedded default's params turn it on for every caption).
+    """Partial captions and word-swap ITM negatives (neither is in BLIP's recipe, so both are off by
+    default here; the embedded default's params cut every caption of the filter fine-tune).
 
     Human captions describe a whole image, web alt-texts only part of it; an ITM head that only
     ever saw whole descriptions as positives scores true-but-partial texts as mismatches. With
@@ -126,6 +126,10 @@ class TextAugmentConfig(Section):
 
     partial: float = Field(0.0, ge=0, le=1)  # share of captions replaced by a partial one
     word_drop: float = Field(0.15, ge=0, lt=1)  # per-word drop rate inside a partial caption
+    # Share of captions that also bring a word-swap ITM negative: the same (possibly partial)
+    # text with one word replaced by another seen in the same context in the training captions
+    # (components/text.py `SwapTable`), matched against the caption's own image.
+    swap_negative: float = Field(0.0, ge=0, le=1)
 
 
 class TextInput(Section):
@@ -147,6 +151,7 @@ class PretrainConfig(Section):
     alpha_ramp_steps: int = Field(200, ge=0)  # ITC distillation weight ramps 0 -> model alpha
     text: TextInput = TextInput()
     augment: AugmentConfig = AugmentConfig(min_scale=0.2)
+    text_augment: TextAugmentConfig = TextAugmentConfig()  # off: BLIP's recipe
 
 
 class RetrainConfig(PretrainConfig):

@@ -32,7 +32,7 @@ from components.config import AugmentConfig, TextAugmentConfig, TextInput
 from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.shards import ShardReader
-from components.text import partial_caption, pre_caption
+from components.text import SwapTable, partial_caption, pre_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,12 +47,19 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) long, 1 = token
     image_ids: torch.Tensor  # (B,) long, dense per image (captions of one image share it)
     prompt_length: int = 0  # [CLS] + prompt tokens, not predicted by the captioner's LM loss
+    # Word-swap negatives (filter fine-tune): row i's text with one word swapped, same length T.
+    negative_ids: torch.Tensor | None = None  # (B, T) long
+    negative_mask: torch.Tensor | None = None  # (B, T) long
+    has_negative: torch.Tensor | None = None  # (B,) bool: rows without one are ignored
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """On `device`; the image also in `dtype` when given (bf16/fp16 training)."""
         image = self.image.to(device) if dtype is None else self.image.to(device, dtype)
+        moved = {k: getattr(self, k).to(device) for k in ("negative_ids", "negative_mask", "has_negative")
+                 if getattr(self, k) is not None}
         return replace(self, image=image, input_ids=self.input_ids.to(device),
-                       attention_mask=self.attention_mask.to(device), image_ids=self.image_ids.to(device))
+                       attention_mask=self.attention_mask.to(device), image_ids=self.image_ids.to(device),
+                       **moved)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,18 @@ def build_transform(image_size: int, augment: AugmentConfig):
     return T.Compose(steps + tail)
 
 
+SWAP_TABLE_CAPTIONS = 200_000  # a swap table is built from at most this many captions
+
+
+def _swap_table(captions: list[str], max_words: int) -> SwapTable:
+    """The word-swap table of a corpus; a large one contributes a fixed random sample (every rank
+    draws the same), which bounds the build at a few seconds whatever the corpus size."""
+    if len(captions) > SWAP_TABLE_CAPTIONS:
+        picked = np.random.default_rng(0).choice(len(captions), SWAP_TABLE_CAPTIONS, replace=False)
+        captions = [captions[i] for i in np.sort(picked)]
+    return SwapTable.build(captions, max_words=max_words)
+
+
 def _sample_seed(seed: int, epoch: int, row: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
@@ -146,6 +165,7 @@ class ManifestBatches(IterableDataset):
         super().__init__()
         self.pairs, self.tokenizer, self.text, self.prompt = pairs, tokenizer, text, prompt
         self.text_augment = text_augment or TextAugmentConfig()
+        self.swaps = _swap_table(pairs.caption, text.max_words) if self.text_augment.swap_negative > 0 else None
         self.transform = build_transform(image_size, augment)
         self.augment = augment.enabled
         self.micro, self.rank, self.world = micro_batch, rank, world_size
@@ -198,19 +218,39 @@ class ManifestBatches(IterableDataset):
             return caption
         return partial_caption(caption, rng, aug.word_drop)
 
-    def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
-        images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)
-        texts = [self.prompt + pre_caption(self._caption(int(r)), self.text.max_words) for r in rows]
+    def _negative(self, row: int, text: str) -> str | None:
+        """The word-swap negative of `text` (pre_caption form) for this row, or None."""
+        rng = np.random.default_rng(_sample_seed(self.seed + 2, self.epoch, row))  # resume-stable
+        if self.swaps is None or rng.random() >= self.text_augment.swap_negative:
+            return None
+        return self.swaps.negative(text, rng)
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), both (len(texts), T): `[CLS] ... [SEP] [PAD]...`, truncated keeping [SEP]."""
         encoded = self.tokenizer.encode_batch(texts)
         length = min(self.text.max_tokens, max(len(e.ids) for e in encoded))
-        ids = torch.zeros(len(rows), length, dtype=torch.long)  # [PAD] = 0
+        ids = torch.zeros(len(texts), length, dtype=torch.long)  # [PAD] = 0
         mask = torch.zeros_like(ids)
         for i, e in enumerate(encoded):
             tokens = e.ids if len(e.ids) <= length else e.ids[: length - 1] + [e.ids[-1]]  # keep [SEP]
             ids[i, : len(tokens)] = torch.tensor(tokens)
             mask[i, : len(tokens)] = 1
+        return ids, mask
+
+    def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
+        images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)
+        texts = [pre_caption(self._caption(int(r)), self.text.max_words) for r in rows]
         image_ids = torch.from_numpy(self.pairs.image_id[rows])
-        return Batch(images, ids, mask, image_ids, self.prompt_length)
+        if self.swaps is None:
+            ids, mask = self._encode([self.prompt + t for t in texts])
+            return Batch(images, ids, mask, image_ids, self.prompt_length)
+        negatives = [self._negative(int(r), t) for r, t in zip(rows, texts, strict=True)]
+        has = torch.tensor([n is not None for n in negatives])
+        filled = [t if n is None else n for n, t in zip(negatives, texts, strict=True)]  # (ignored where None)
+        both, both_mask = self._encode([self.prompt + t for t in texts + filled])
+        b = len(rows)  # positives and negatives share one padded length T
+        return Batch(images, both[:b], both_mask[:b], image_ids, self.prompt_length,
+                     both[b:], both_mask[b:], has)
 
     def batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         """The loop's entry point: a DataLoader over this dataset for `epoch`, from batch `skip`."""

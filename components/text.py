@@ -91,3 +91,57 @@ def partial_caption(caption: str, rng: np.random.Generator, word_drop: float) ->
     words = " ".join(keep).split()
     kept = [w for w in words if rng.random() >= word_drop]
     return " ".join(kept or [words[int(rng.integers(len(words)))]])
+
+
+_EDGE = ("\x02", "\x03")  # sentence-start / -end markers in the context keys (never a word)
+
+
+class SwapTable:
+    """Context-substitution table for word-swap ITM negatives.
+
+    Built from training captions (their `pre_caption` view): for every word position, the pair
+    (previous word, next word) is its context, and the words seen between the same pair are its
+    substitutes ("a red ring" and "a blue ring" make red and blue substitutes in ("a", "ring")).
+    A negative is the caption with one word replaced by a different substitute, chosen in
+    proportion to how often it filled that context. Such a text differs from a true one in one
+    visual detail (a colour, a shape, a count, a position) — the hardest noise for an ITM head
+    that only ever saw other images' captions as negatives. Language-agnostic; synonyms that
+    share a context ("a picture of" / "a photo of") make some negatives true, a known cost.
+    """
+
+    def __init__(self, fillers: dict[tuple[str, str], tuple[list[str], np.ndarray]]) -> None:
+        self.fillers = fillers  # context -> (substitutes, how often each filled it)
+
+    @classmethod
+    def build(cls, captions: list[str], min_count: int = 2, max_words: int = 50) -> SwapTable:
+        """Contexts whose substitutes include at least two words each seen `min_count` times."""
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for caption in captions:
+            words = [_EDGE[0], *pre_caption(caption, max_words).split(), _EDGE[1]]
+            for i in range(1, len(words) - 1):
+                slot = counts.setdefault((words[i - 1], words[i + 1]), {})
+                slot[words[i]] = slot.get(words[i], 0) + 1
+        fillers = {}
+        for context, slot in counts.items():
+            common = sorted(w for w, n in slot.items() if n >= min_count)
+            if len(common) >= 2:
+                fillers[context] = (common, np.array([slot[w] for w in common], dtype=np.float64))
+        return cls(fillers)
+
+    def __len__(self) -> int:
+        return len(self.fillers)
+
+    def negative(self, text: str, rng: np.random.Generator) -> str | None:
+        """`text` (already in `pre_caption` form) with one word swapped; None when no word of it
+        has a substitute."""
+        words = text.split()
+        padded = [_EDGE[0], *words, _EDGE[1]]
+        slots = [i for i in range(len(words)) if (padded[i], padded[i + 2]) in self.fillers
+                 and any(w != words[i] for w in self.fillers[(padded[i], padded[i + 2])][0])]
+        if not slots:
+            return None
+        i = slots[int(rng.integers(len(slots)))]
+        options, counts = self.fillers[(padded[i], padded[i + 2])]
+        weights = np.where([w == words[i] for w in options], 0.0, counts)
+        pick = options[int(rng.choice(len(options), p=weights / weights.sum()))]
+        return " ".join([*words[:i], pick, *words[i + 1:]])

@@ -43,11 +43,20 @@ def _parts(out: Any, names: tuple[str, ...]) -> dict[str, float]:
     return {name.removeprefix("loss_"): float(getattr(out, name).detach()) for name in names}
 
 
+def _negatives(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The batch's word-swap ITM negatives as the models take them, or None."""
+    if batch.negative_ids is None:
+        return None
+    return batch.negative_ids, batch.negative_mask, batch.has_negative
+
+
 def pretrain_objective(alpha: float, ramp_steps: int) -> Objective:
-    """ITC + ITM + LM (BlipPretrain); captions of one image are never each other's ITM negatives."""
+    """ITC + ITM + LM (BlipPretrain); captions of one image are never each other's ITM negatives;
+    the batch's word-swap negatives join ITM when it has them."""
     def objective(model: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch.image, batch.input_ids, batch.attention_mask,
-                    alpha=alpha_ramp(step, ramp_steps, alpha), image_ids=batch.image_ids)
+                    alpha=alpha_ramp(step, ramp_steps, alpha), image_ids=batch.image_ids,
+                    negatives=_negatives(batch))
         return out.loss, _parts(out, ("loss_itc", "loss_itm", "loss_lm", "itm_accuracy"))
     return objective
 
@@ -61,10 +70,11 @@ def captioner_objective(alpha: float, ramp_steps: int) -> Objective:
 
 
 def filter_objective(alpha: float, ramp_steps: int) -> Objective:
-    """ITC + ITM with image-id positives (every caption of an image)."""
+    """ITC + ITM with image-id positives (every caption of an image), plus the batch's word-swap
+    ITM negatives when it has them."""
     def objective(model: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch.image, batch.input_ids, batch.attention_mask, batch.image_ids,
-                    alpha=alpha_ramp(step, ramp_steps, alpha))
+                    alpha=alpha_ramp(step, ramp_steps, alpha), negatives=_negatives(batch))
         return out.loss, _parts(out, ("loss_itc", "loss_itm", "itm_accuracy"))
     return objective
 
@@ -184,7 +194,8 @@ def train_stage(params: Params, inputs: StageInputs, log_metrics: LogMetrics | N
 def _pretrain_inputs(cfg: PretrainConfig) -> StageInputs:
     return StageInputs(task="pretrain", manifests=list(cfg.manifests), tokenizer_dir=Path(cfg.tokenizer),
                        out=Path(cfg.out), resume_dir=Path(cfg.resume_dir), schedule=cfg.schedule,
-                       text=cfg.text, augment=cfg.augment, alpha_ramp_steps=cfg.alpha_ramp_steps)
+                       text=cfg.text, augment=cfg.augment, alpha_ramp_steps=cfg.alpha_ramp_steps,
+                       text_augment=cfg.text_augment)
 
 
 def run_pretrain(params: Params, log_metrics: LogMetrics | None = None) -> TrainResult:

@@ -207,13 +207,15 @@ class BlipEncoderBase(nn.Module):
 
     def itm_objective(self, image_kv: ImageKV, enc_ids: Tensor, attention_mask: Tensor,
                       weights: tuple[Tensor, Tensor], candidates: tuple[Tensor, Tensor, int],
-                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None,
+                      extra: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """ITM loss on B positives + one negative image per text + one negative text per image.
 
         image_kv: image-level keys over the candidate images (rows 0..B-1 are the batch's own
         images, candidate c is row `offset + c`); weights: (w_t2i (B, C_img), w_i2t (B, C_txt))
         sampling weights with positives zeroed; candidates: (ids (C_txt, T), mask, offset).
-        Returns (loss, accuracy).
+        extra: (ids (B, T) with the first token set, mask (B, T), valid (B,) bool), one more
+        negative text per image where valid (word-swap negatives). Returns (loss, accuracy).
         """
         w_t2i, w_i2t = weights
         cand_ids, cand_mask, offset = candidates
@@ -222,9 +224,13 @@ class BlipEncoderBase(nn.Module):
         neg_image, has_neg_image = sample_negatives(w_t2i, generator)  # per text
         neg_text, has_neg_text = sample_negatives(w_i2t, generator)  # per image
         neg_text = neg_text[has_neg_text]
-        ids = torch.cat([enc_ids, enc_ids[has_neg_image], cand_ids[neg_text]])  # (B + n1 + n2, T)
-        mask = torch.cat([attention_mask, attention_mask[has_neg_image], cand_mask[neg_text]])
-        image_rows = torch.cat([own, offset + neg_image[has_neg_image], own[has_neg_text]])
+        ids = [enc_ids, enc_ids[has_neg_image], cand_ids[neg_text]]  # (B + n1 + n2 [+ n3], T)
+        mask = [attention_mask, attention_mask[has_neg_image], cand_mask[neg_text]]
+        image_rows = [own, offset + neg_image[has_neg_image], own[has_neg_text]]
+        if extra is not None:
+            extra_ids, extra_mask, valid = extra
+            ids, mask, image_rows = ids + [extra_ids[valid]], mask + [extra_mask[valid]], image_rows + [own[valid]]
+        ids, mask, image_rows = torch.cat(ids), torch.cat(mask), torch.cat(image_rows)
         kv = ImageKV.build(image_kv.keys, image_kv.values, image_rows)
         hidden = self.text_encoder(ids, mask, mode="multimodal", image_kv=kv)
         logits = self.itm_head(hidden[:, 0])  # (B + n1 + n2, 2)

@@ -49,8 +49,13 @@ class BlipFilter(BlipEncoderBase):
         return model
 
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, image_ids: Tensor,
-                alpha: float, generator: torch.Generator | None = None) -> FilterOutput:
-        """image (B, 3, H, W); input_ids (B, T) `[CLS] ...`; attention_mask (B, T); image_ids (B,)."""
+                alpha: float, generator: torch.Generator | None = None,
+                negatives: tuple[Tensor, Tensor, Tensor] | None = None) -> FilterOutput:
+        """image (B, 3, H, W); input_ids (B, T) `[CLS] ...`; attention_mask (B, T); image_ids (B,).
+
+        `negatives` = (ids (B, T), mask (B, T), valid (B,) bool): extra ITM negative texts, row i
+        matched against image i where valid (word-swap negatives; only ITM sees them).
+        """
         cfg = self.config.text
         if self.momentum_in_forward:
             self.momentum_step()  # temperature clamp + EMA before this step's momentum forward
@@ -72,11 +77,12 @@ class BlipFilter(BlipEncoderBase):
                                              (self.idx_queue, self.gather(image_ids).view(-1, 1))])
 
         loss_itm, itm_accuracy = self._itm(image_embeds, input_ids, attention_mask, image_feat,
-                                           text_feat, image_ids, generator)
+                                           text_feat, image_ids, generator, negatives)
         return FilterOutput(loss_itc + loss_itm, loss_itc, loss_itm, itm_accuracy)
 
     def _itm(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, image_feat: Tensor,
-             text_feat: Tensor, image_ids: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+             text_feat: Tensor, image_ids: Tensor, generator: torch.Generator | None,
+             negatives: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Negatives from online vs online similarity; all same-id pairs masked (BLIP retrieval).
 
         With `negative_all_rank`, candidates (features, ids, texts, image tokens) are gathered
@@ -99,5 +105,7 @@ class BlipFilter(BlipEncoderBase):
             positive = image_ids.view(-1, 1) == cand_image_ids.view(1, -1)
             weights = self.negative_weights(sim_t2i, sim_i2t, positive, 0.0)
         image_kv = self.text_encoder.image_kv(images)
+        if negatives is not None:
+            negatives = (with_first_token(negatives[0], self.config.text.enc_token_id), *negatives[1:])
         return self.itm_objective(image_kv, enc_ids, attention_mask, weights,
-                                  (cand_ids, cand_mask, offset), generator)
+                                  (cand_ids, cand_mask, offset), generator, negatives)

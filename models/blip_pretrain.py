@@ -59,11 +59,14 @@ class BlipPretrain(BlipEncoderBase):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
-                image_ids: Tensor | None = None, generator: torch.Generator | None = None) -> PretrainOutput:
+                image_ids: Tensor | None = None, generator: torch.Generator | None = None,
+                negatives: tuple[Tensor, Tensor, Tensor] | None = None) -> PretrainOutput:
         """image (B, 3, H, W); input_ids (B, T) `[CLS] ... [SEP] [PAD]...`; attention_mask (B, T).
 
         `alpha` is the current distillation weight (see `losses.alpha_ramp`). `image_ids` (B,),
         when given, keeps captions of the same image from being drawn as ITM negatives.
+        `negatives` = (ids (B, T), mask (B, T), valid (B,) bool): extra ITM negative texts, row i
+        matched against image i where valid (word-swap negatives; only ITM sees them).
         """
         cfg = self.config.text
         if self.momentum_in_forward:
@@ -86,7 +89,7 @@ class BlipPretrain(BlipEncoderBase):
 
         image_kv = self.text_encoder.image_kv(image_embeds)  # once per layer, B images
         loss_itm, itm_accuracy = self._itm(image_kv, input_ids, attention_mask, image_feat, text_feat,
-                                           image_feat_m, text_feat_m, image_ids, generator)
+                                           image_feat_m, text_feat_m, image_ids, generator, negatives)
 
         dec_ids = with_first_token(input_ids, cfg.bos_token_id)
         dec_kv = image_kv if self.config.share_cross_attention else None
@@ -96,7 +99,8 @@ class BlipPretrain(BlipEncoderBase):
 
     def _itm(self, image_kv: ImageKV, input_ids: Tensor, attention_mask: Tensor, image_feat: Tensor, text_feat: Tensor,
              image_feat_m: Tensor, text_feat_m: Tensor, image_ids: Tensor | None,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+             generator: torch.Generator | None,
+             negatives: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Hard negatives from online vs in-batch momentum similarity (+1e-4, positives zeroed)."""
         batch = input_ids.shape[0]
         with torch.no_grad():
@@ -108,5 +112,7 @@ class BlipPretrain(BlipEncoderBase):
                 positive = image_ids.view(-1, 1) == image_ids.view(1, -1)
             weights = self.negative_weights(sim_t2i, sim_i2t, positive, ITM_EPS)
         enc_ids = with_first_token(input_ids, self.config.text.enc_token_id)
+        if negatives is not None:
+            negatives = (with_first_token(negatives[0], self.config.text.enc_token_id), *negatives[1:])
         return self.itm_objective(image_kv, enc_ids, attention_mask, weights,
-                                  (enc_ids, attention_mask, 0), generator)
+                                  (enc_ids, attention_mask, 0), generator, negatives)

@@ -15,7 +15,7 @@ from components.config import AugmentConfig, TextAugmentConfig, TextInput
 from components.data import CLIP_MEAN, CLIP_STD, ManifestBatches, epoch_order, load_pairs
 from components.shards import ShardReader
 from components.errors import CapfiltError
-from components.text import partial_caption
+from components.text import SwapTable, partial_caption, pre_caption
 from components.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,10 +32,10 @@ def corpus(tmp_path_factory):
 
 
 def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prompt="", seed=0,
-            partial=0.0):
+            partial=0.0, swap=0.0):
     return ManifestBatches(pairs, tok, TextInput(max_tokens=12), AugmentConfig(enabled=augment), 32,
                            micro, rank, world, seed=seed, shuffle_buffer=16, num_workers=workers,
-                           prompt=prompt, text_augment=TextAugmentConfig(partial=partial))
+                           prompt=prompt, text_augment=TextAugmentConfig(partial=partial, swap_negative=swap))
 
 
 def _all(source, epoch=0, skip=0):
@@ -133,6 +133,41 @@ def test_partial_caption_augmentation_is_seeded_and_switchable(corpus):
     changed = sum(int((h < p).sum()) for p, h in rows) / sum(len(p) for p, _ in rows)
     assert 0.2 < changed < 0.6  # about half were cut (a cut may drop nothing from one clause)
     assert all(torch.equal(a.image, b.image) and torch.equal(a.image_ids, b.image_ids) for a, b in zip(plain, half))
+
+
+def test_swap_table_replaces_one_word_by_a_context_mate():
+    captions = ["A red ring.", "a blue ring", "a blue ring", "a blue ring", "a green ring"]
+    table = SwapTable.build(captions, min_count=1)
+    rng = np.random.default_rng(0)
+    outs = [table.negative("a red ring", rng) for _ in range(400)]
+    assert set(outs) == {"a blue ring", "a green ring"}  # red's mates in ("a", "ring"), never itself
+    assert 0.68 < outs.count("a blue ring") / 400 < 0.82  # in proportion to use (3 : 1)
+    assert set(table.negative("a blue ring", rng) for _ in range(50)) == {"a red ring", "a green ring"}
+    assert table.negative("a picture of a cross", rng) is None  # no word has a mate
+    assert len(SwapTable.build(captions, min_count=2)) == 0  # red and green seen once: blue alone
+
+
+def test_swap_negatives_are_seeded_and_differ_from_their_caption_by_one_word(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    plain = _all(_source(pairs, tok))
+    assert plain[0].negative_ids is None
+    swapped = _all(_source(pairs, tok, swap=1.0))
+    again = _all(_source(pairs, tok, swap=1.0))
+    assert all(torch.equal(a.negative_ids, b.negative_ids) for a, b in zip(swapped, again))
+    valid = 0
+    for p, s in zip(plain, swapped):
+        assert torch.equal(p.input_ids, s.input_ids[:, : p.input_ids.shape[1]])  # positives untouched
+        assert s.negative_ids.shape == s.input_ids.shape and s.has_negative.dtype == torch.bool
+        for row in range(len(s.has_negative)):
+            pos = s.input_ids[row][s.attention_mask[row].bool()]
+            neg = s.negative_ids[row][s.negative_mask[row].bool()]
+            if s.has_negative[row]:
+                valid += 1
+                assert tok.decode(pos.tolist()) != tok.decode(neg.tolist())
+                assert len(tok.decode(pos.tolist()).split()) == len(tok.decode(neg.tolist()).split())
+    assert valid > 0.5 * sum(len(s.has_negative) for s in swapped)
+    moved = swapped[0].to("cpu", torch.float64)
+    assert moved.has_negative is not None and moved.image.dtype == torch.float64
 
 
 def test_the_captioner_prompt_is_prepended_and_counted(corpus):

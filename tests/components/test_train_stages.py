@@ -75,6 +75,9 @@ def _rows(path: Path) -> list[dict[str, float]]:
 def test_pretrain_then_both_finetunes_through_the_cli(corpus, tmp_path):
     _, manifest, tok = corpus
     params = write_params(tmp_path, manifest, tok)
+    doc = yaml.safe_load(params.read_text())  # word-swap ITM negatives in pretrain and filter
+    doc["pretrain"]["text_augment"] = doc["finetune"]["filter"]["text_augment"] = {"swap_negative": 1.0}
+    params.write_text(yaml.safe_dump(doc))
     assert cli.main(["stage", "pretrain", "--params", str(params)]) == 0
     out = tmp_path / "outputs/pretrain"
     rows = _rows(out / "loss.csv")

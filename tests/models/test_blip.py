@@ -6,7 +6,7 @@ import torch
 from models.blip import BlipCaptioner, BlipFilter, BlipPretrain, count_parameters
 from models.blip_base import with_first_token
 from models.config import resolve_config
-from models.losses import lm_labels, lm_loss
+from models.losses import itm_labels, itm_loss, lm_labels, lm_loss
 
 TINY = resolve_config("tiny", {"text.num_layers": 2, "vision.depth": 2, "queue_size": 16, "text.vocab_size": 60})
 B, T = 4, 8
@@ -209,6 +209,34 @@ def test_filter_step_with_image_id_positives():
     # every caption of one image: no negative exists, ITM falls back to positives only
     same = filt(image, ids, mask, torch.zeros(B, dtype=torch.long), alpha=0.4)
     assert torch.isfinite(same.loss)
+
+
+@pytest.mark.parametrize("cls", [BlipPretrain, BlipFilter])
+def test_word_swap_negatives_join_the_itm_batch_as_mismatches(cls):
+    torch.manual_seed(0)
+    model = cls(TINY)
+    image, ids, mask = _batch()
+    swapped = ids.clone()
+    swapped[:, 2] = (swapped[:, 2] + 1) % TINY.text.vocab_size
+    valid = torch.tensor([True, False, True, True])
+    logits = []
+    hook = model.itm_head.register_forward_hook(lambda m, i, out: logits.append(out.detach()))
+
+    def run(negatives=None):
+        return model(image, ids, mask, image_ids=torch.arange(B), alpha=0.4,
+                     generator=torch.Generator().manual_seed(1), negatives=negatives)
+    try:
+        plain = run()
+        none_valid = run((swapped, mask, torch.zeros(B, dtype=torch.bool)))
+        out = run((swapped, mask, valid))
+    finally:
+        hook.remove()
+    assert [x.shape[0] for x in logits] == [3 * B, 3 * B, 3 * B + 3]  # one more row per valid negative
+    torch.testing.assert_close(none_valid.loss_itm, plain.loss_itm)
+    want, _ = itm_loss(logits[2], itm_labels(B, 2 * B + 3), TINY.itm_positive_weight)
+    torch.testing.assert_close(out.loss_itm, want)  # every added row is labelled a mismatch
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize("cls", [BlipPretrain, BlipFilter])

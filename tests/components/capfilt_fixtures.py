@@ -142,5 +142,7 @@ def write_truth(folder: Path, n_web: int) -> Path:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["image_id", "noise", "text", "source_id", "detail", "scene"])
         for i in range(n_web):
-            w.writerow([f"web_{i:06d}", NOISE_KINDS[i % 4], caption_of(i), "", "", SCENE])
+            kind = NOISE_KINDS[i % 4]
+            detail = "shape:square->ring" if kind == "wrong_attribute" else ""
+            w.writerow([f"web_{i:06d}", kind, caption_of(i), "", detail, SCENE])
     return folder

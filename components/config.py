@@ -126,9 +126,10 @@ class TextAugmentConfig(Section):
 
     partial: float = Field(0.0, ge=0, le=1)  # share of captions replaced by a partial one
     word_drop: float = Field(0.15, ge=0, lt=1)  # per-word drop rate inside a partial caption
-    # Share of captions that also bring a word-swap ITM negative: the same (possibly partial)
-    # text with one word replaced by another seen in the same context in the training captions
-    # (components/text.py `SwapTable`), matched against the caption's own image.
+    # Share of captions that also bring a word-swap ITM negative (where one of their words has a
+    # substitute): the same (possibly partial) text with one word replaced by another seen in the
+    # same context in the training captions (components/text.py `SwapTable`), matched against the
+    # caption's own image. Up to B more ITM negatives per step: p(match) comes out lower.
     swap_negative: float = Field(0.0, ge=0, le=1)
 
 

@@ -249,8 +249,9 @@ class ManifestBatches(IterableDataset):
         filled = [t if n is None else n for n, t in zip(negatives, texts, strict=True)]  # (ignored where None)
         both, both_mask = self._encode([self.prompt + t for t in texts + filled])
         b = len(rows)  # positives and negatives share one padded length T
+        has &= (both[b:] != both[:b]).any(1)  # a swap past the token limit, or one the tokenizer undoes
         return Batch(images, both[:b], both_mask[:b], image_ids, self.prompt_length,
-                     both[b:], both_mask[b:], has)
+                     negative_ids=both[b:], negative_mask=both_mask[b:], has_negative=has)
 
     def batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         """The loop's entry point: a DataLoader over this dataset for `epoch`, from batch `skip`."""

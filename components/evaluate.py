@@ -180,10 +180,17 @@ def _truth(cfg: EvaluateConfig) -> pd.DataFrame | None:
     if cfg.web_truth is None or not (Path(cfg.web_truth) / "truth.csv").is_file():
         return None
     path = Path(cfg.web_truth) / "truth.csv"
-    with path.open(encoding="utf-8", newline="") as f:  # swap: the attribute a wrong_attribute text got wrong
-        rows = [(r["image_id"], r["noise"], (r.get("detail") or "").split(":")[0] if r["noise"] == "wrong_attribute"
-                 else "") for r in csv.DictReader(f)]
-    return pd.DataFrame(rows, columns=["image_id", "noise", "swap"]).set_index("image_id")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = [(r["image_id"], r["noise"], _wrong_attribute(r)) for r in csv.DictReader(f)]
+    return pd.DataFrame(rows, columns=["image_id", "noise", "attribute"]).set_index("image_id")
+
+
+def _wrong_attribute(row: dict[str, str]) -> str:
+    """The attribute a wrong_attribute text got wrong (`detail` "shape:cross->ring" -> "shape");
+    "" for every other row."""
+    if row["noise"] != "wrong_attribute":
+        return ""
+    return (row.get("detail") or "").split(":")[0]
 
 
 def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
@@ -212,9 +219,8 @@ def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
 
 def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None,
                    temp: float | None = None) -> dict[str, Any]:
-    """AUROC (of the filter score, per noise kind and per swapped attribute against the correct
-    texts; also of ITM, ITC and,
-    given the filter's ITC temperature, their sum as `signal: itm_itc` scores), removal
+    """AUROC (of the filter score, per noise kind and per wrong attribute against the correct
+    texts; also of ITM, ITC and, given the filter's ITC temperature, their sum as `signal: itm_itc` scores), removal
     precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
     web = decisions[decisions["source"] == "web"].copy()
     web["noise"] = [truth["noise"].get(Path(k).stem, "unknown") for k in web["image_key"]]
@@ -226,9 +232,9 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     has_itc = bool(np.isfinite(itc).all())
     noise = web["noise"].to_numpy()
     kinds = {k: ~noisy | (noise == k) for k in sorted(set(noise) - {"correct"})}  # correct + one kind
-    swap = np.array([truth["swap"].get(Path(k).stem, "") for k in web["image_key"]] if "swap" in truth
-                    else [""] * len(web))
-    swaps = {a: ~noisy | ((noise == "wrong_attribute") & (swap == a)) for a in sorted(set(swap) - {""})}
+    wrong = np.array([truth["attribute"].get(Path(k).stem, "") for k in web["image_key"]]
+                     if "attribute" in truth else [""] * len(web))  # the attribute a text got wrong
+    attributes = {a: ~noisy | (wrong == a) for a in sorted(set(wrong) - {""})}  # correct + those texts
     out: dict[str, Any] = {
         "auroc": auroc(score, ~noisy),
         "auroc_itm": auroc(itm, ~noisy),
@@ -236,8 +242,8 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
         "auroc_itm_itc": auroc(filter_scores(itm, itc, "itm_itc", temp), ~noisy)
         if has_itc and temp is not None and temp > 0 else None,
         "auroc_by_kind": {k: auroc(score[rows], ~noisy[rows]) for k, rows in kinds.items()},
-        # wrong_attribute split by the attribute swapped (shape, colour, ...): which one the filter misses
-        "auroc_by_swap": {a: auroc(score[rows], ~noisy[rows]) for a, rows in swaps.items()},
+        # wrong_attribute split by the attribute made wrong (shape, colour, ...): which the filter misses
+        "auroc_by_attribute": {a: auroc(score[rows], ~noisy[rows]) for a, rows in attributes.items()},
         "precision": hits / removed.sum() if removed.sum() else float("nan"),
         "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
         "kept_fraction": float(web["kept"].mean()),

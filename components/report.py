@@ -201,7 +201,7 @@ def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
                                 "synthetic_kept")
             if f.get(k) is not None]
     rows += [(f"auroc: correct vs {k}", v) for k, v in f.get("auroc_by_kind", {}).items() if v is not None]
-    rows += [(f"auroc: correct vs wrong_attribute ({a})", v) for a, v in f.get("auroc_by_swap", {}).items()
+    rows += [(f"auroc: correct vs wrong {a}", v) for a, v in f.get("auroc_by_attribute", {}).items()
              if v is not None]
     rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
     return pd.DataFrame(rows, columns=["filter", "value"])

@@ -94,6 +94,7 @@ def partial_caption(caption: str, rng: np.random.Generator, word_drop: float) ->
 
 
 _EDGE = ("\x02", "\x03")  # sentence-start / -end markers in the context keys (never a word)
+_KEPT_PUNCT = ",?'-"  # punctuation `pre_caption` keeps; a swap must change more than that
 
 
 class SwapTable:
@@ -106,7 +107,8 @@ class SwapTable:
     proportion to how often it filled that context. Such a text differs from a true one in one
     visual detail (a colour, a shape, a count, a position) — the hardest noise for an ITM head
     that only ever saw other images' captions as negatives. Language-agnostic; synonyms that
-    share a context ("a picture of" / "a photo of") make some negatives true, a known cost.
+    share a context ("a picture of" / "a photo of"), and swaps that name another object of the
+    image, make some negatives true: a known cost.
     """
 
     def __init__(self, fillers: dict[tuple[str, str], tuple[list[str], np.ndarray]]) -> None:
@@ -133,15 +135,25 @@ class SwapTable:
 
     def negative(self, text: str, rng: np.random.Generator) -> str | None:
         """`text` (already in `pre_caption` form) with one word swapped; None when no word of it
-        has a substitute."""
+        has a substitute. Substitutes that differ from the word only in the punctuation
+        `pre_caption` keeps ("ring," / "ring") do not count: the text would still be true."""
         words = text.split()
         padded = [_EDGE[0], *words, _EDGE[1]]
-        slots = [i for i in range(len(words)) if (padded[i], padded[i + 2]) in self.fillers
-                 and any(w != words[i] for w in self.fillers[(padded[i], padded[i + 2])][0])]
+        options = [self._options(words[i], (padded[i], padded[i + 2])) for i in range(len(words))]
+        slots = [i for i, found in enumerate(options) if found is not None]
         if not slots:
             return None
         i = slots[int(rng.integers(len(slots)))]
-        options, counts = self.fillers[(padded[i], padded[i + 2])]
-        weights = np.where([w == words[i] for w in options], 0.0, counts)
-        pick = options[int(rng.choice(len(options), p=weights / weights.sum()))]
+        fillers, weights = options[i]
+        pick = fillers[int(rng.choice(len(fillers), p=weights / weights.sum()))]
         return " ".join([*words[:i], pick, *words[i + 1:]])
+
+    def _options(self, word: str, context: tuple[str, str]) -> tuple[list[str], np.ndarray] | None:
+        """The substitutes of `word` in `context` with their weights (0 for the word itself and its
+        punctuation variants); None when none is left."""
+        if context not in self.fillers:
+            return None
+        fillers, counts = self.fillers[context]
+        bare = word.strip(_KEPT_PUNCT)
+        weights = np.where([f.strip(_KEPT_PUNCT) == bare for f in fillers], 0.0, counts)
+        return (fillers, weights) if weights.sum() > 0 else None

@@ -229,11 +229,12 @@ class BlipEncoderBase(nn.Module):
         image_rows = [own, offset + neg_image[has_neg_image], own[has_neg_text]]
         if extra is not None:
             extra_ids, extra_mask, valid = extra
+            assert valid.dtype == torch.bool and extra_ids.shape == enc_ids.shape  # (B,) rows, (B, T)
             ids, mask, image_rows = ids + [extra_ids[valid]], mask + [extra_mask[valid]], image_rows + [own[valid]]
         ids, mask, image_rows = torch.cat(ids), torch.cat(mask), torch.cat(image_rows)
         kv = ImageKV.build(image_kv.keys, image_kv.values, image_rows)
         hidden = self.text_encoder(ids, mask, mode="multimodal", image_kv=kv)
-        logits = self.itm_head(hidden[:, 0])  # (B + n1 + n2, 2)
+        logits = self.itm_head(hidden[:, 0])  # (B + n1 + n2 [+ n3], 2)
         labels = itm_labels(batch, ids.shape[0] - batch, device=ids.device)
         return itm_loss(logits, labels, self.config.itm_positive_weight)
 

@@ -145,6 +145,18 @@ def test_swap_table_replaces_one_word_by_a_context_mate():
     assert set(table.negative("a blue ring", rng) for _ in range(50)) == {"a red ring", "a green ring"}
     assert table.negative("a picture of a cross", rng) is None  # no word has a mate
     assert len(SwapTable.build(captions, min_count=2)) == 0  # red and green seen once: blue alone
+    commas = SwapTable.build(["a red ring, a cross", "a red ring a cross"], min_count=1)
+    assert commas.negative("a red ring, a cross", rng) is None  # "ring," -> "ring" would still be true
+
+
+def test_a_swap_the_token_limit_cuts_off_is_no_negative(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    short = ManifestBatches(pairs, tok, TextInput(max_tokens=4), AugmentConfig(), 32, 8, seed=0,
+                            shuffle_buffer=16, text_augment=TextAugmentConfig(swap_negative=1.0))
+    rows = [(b.has_negative, (b.negative_ids != b.input_ids).any(1)) for b in _all(short)]
+    has, differ = torch.cat([h for h, _ in rows]), torch.cat([d for _, d in rows])
+    assert torch.equal(has, differ)  # a negative is kept exactly where its tokens differ
+    assert 0 < int(has.sum()) < len(has)  # [CLS] w1 w2 [SEP]: later swaps are cut off
 
 
 def test_swap_negatives_are_seeded_and_differ_from_their_caption_by_one_word(corpus):

@@ -101,11 +101,11 @@ def test_filter_quality_on_hand_made_decisions():
     assert f["auroc_itm"] == 0.75 and f["auroc_itc"] is None  # no ITC column: not made up
     assert f["auroc_itm_itc"] is None  # nor their sum
     assert f["auroc_by_kind"] == {"junk": 1.0, "other_image": 0.5}  # (0.9, 0.3) vs 0.2; vs 0.6
-    assert f["auroc_by_swap"] == {}  # no wrong_attribute texts, no split
+    assert f["auroc_by_attribute"] == {}  # no wrong_attribute texts, no split
     swapped = pd.DataFrame({"noise": ["correct", "correct", "wrong_attribute", "wrong_attribute"],
-                            "swap": ["", "", "shape", "colour"]}, index=["w0", "w1", "w2", "w3"])
+                            "attribute": ["", "", "shape", "colour"]}, index=["w0", "w1", "w2", "w3"])
     f = evaluate.filter_quality(decisions, swapped, None)
-    assert f["auroc_by_swap"] == {"colour": 0.5, "shape": 1.0}  # 0.6 vs (0.9, 0.3); 0.2 vs both
+    assert f["auroc_by_attribute"] == {"colour": 0.5, "shape": 1.0}  # 0.6 vs (0.9, 0.3); 0.2 vs both
     # the decision's own score (here ITM + ITC) is what `auroc` ranks; ITM and ITC alone beside it
     f = evaluate.filter_quality(decisions.assign(score=[2.0, 1.0, -1.0, 0.5], itc_score=[0.4, 0.1, 0.2, 0.3]),
                                 truth, None)
@@ -195,7 +195,7 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     assert f["signal"] == "itm" and f["auroc"] == f["auroc_itm"] and 0.0 <= f["auroc_itc"] <= 1.0
     assert f["itc_temperature"] > 0 and 0.0 <= f["auroc_itm_itc"] <= 1.0
     assert set(f["auroc_by_kind"]) == {"junk", "other_image", "wrong_attribute"}
-    assert set(f["auroc_by_swap"]) == {"shape"}  # truth.csv's detail "shape:square->ring"
+    assert set(f["auroc_by_attribute"]) == {"shape"}  # truth.csv's detail "shape:square->ring"
     runs = {row["bootstrap"]: (label, row) for label, row in metrics["decoding"].items()}
     assert set(runs) == {str(tmp_path / "boot"), str(tmp_path / "greedy")}
     for root, (label, row) in runs.items():

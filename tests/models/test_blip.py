@@ -235,6 +235,9 @@ def test_word_swap_negatives_join_the_itm_batch_as_mismatches(cls):
     torch.testing.assert_close(none_valid.loss_itm, plain.loss_itm)
     want, _ = itm_loss(logits[2], itm_labels(B, 2 * B + 3), TINY.itm_positive_weight)
     torch.testing.assert_close(out.loss_itm, want)  # every added row is labelled a mismatch
+    with torch.no_grad():  # ... and scores the swapped text against its own image
+        own = model.itm_logits(model.encode_image(image), swapped[valid], mask[valid], torch.arange(B)[valid])
+    torch.testing.assert_close(logits[2][-3:], own, atol=1e-5, rtol=1e-4)
     out.loss.backward()
     assert torch.isfinite(out.loss)
 

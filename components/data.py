@@ -47,7 +47,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) long, 1 = token
     image_ids: torch.Tensor  # (B,) long, dense per image (captions of one image share it)
     prompt_length: int = 0  # [CLS] + prompt tokens, not predicted by the captioner's LM loss
-    # Word-swap negatives (filter fine-tune): row i's text with one word swapped, same length T.
+    # Word-swap ITM negatives (`text_augment.swap_negative`): row i's text with one word swapped.
     negative_ids: torch.Tensor | None = None  # (B, T) long
     negative_mask: torch.Tensor | None = None  # (B, T) long
     has_negative: torch.Tensor | None = None  # (B,) bool: rows without one are ignored

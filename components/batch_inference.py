@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from components.config import AugmentConfig, TextInput
-from components.data import build_transform
+from components.data import build_transform, encode_texts
 from components.errors import CapfiltError
 from components.model_io import load_any_tokenizer, load_model
 from components.shards import ShardReader
@@ -146,14 +146,7 @@ class Images:
 
 def tokenize(tokenizer: Any, texts: Sequence[str], text: TextInput, dev: torch.device) -> tuple[Tensor, Tensor]:
     """Texts -> ids (M, T) `[CLS] words [SEP] [PAD]...` and attention mask (M, T), as training."""
-    encoded = tokenizer.encode_batch([pre_caption(t, text.max_words) for t in texts])
-    length = min(text.max_tokens, max(len(e.ids) for e in encoded))
-    ids = torch.zeros(len(texts), length, dtype=torch.long)  # [PAD] = 0
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        tokens = e.ids if len(e.ids) <= length else e.ids[: length - 1] + [e.ids[-1]]  # keep [SEP]
-        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[i, : len(tokens)] = 1
+    ids, mask = encode_texts(tokenizer, [pre_caption(t, text.max_words) for t in texts], text.max_tokens)
     return ids.to(dev), mask.to(dev)
 
 

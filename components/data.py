@@ -20,6 +20,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -138,6 +139,20 @@ def build_transform(image_size: int, augment: AugmentConfig):
     return T.Compose(steps + tail)
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both long (len(texts), T): `[CLS] ... [SEP] [PAD]...`, T the longest text
+    capped at `max_tokens`, longer texts truncated keeping their [SEP]."""
+    encoded = tokenizer.encode_batch(list(texts))
+    length = min(max_tokens, max(len(e.ids) for e in encoded))
+    ids = torch.zeros(len(texts), length, dtype=torch.long)  # [PAD] = 0
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        tokens = e.ids if len(e.ids) <= length else e.ids[: length - 1] + [e.ids[-1]]  # keep [SEP]
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, : len(tokens)] = 1
+    return ids, mask
+
+
 SWAP_TABLE_CAPTIONS = 200_000  # a swap table is built from at most this many captions
 
 
@@ -225,29 +240,18 @@ class ManifestBatches(IterableDataset):
             return None
         return self.swaps.negative(text, rng)
 
-    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask), both (len(texts), T): `[CLS] ... [SEP] [PAD]...`, truncated keeping [SEP]."""
-        encoded = self.tokenizer.encode_batch(texts)
-        length = min(self.text.max_tokens, max(len(e.ids) for e in encoded))
-        ids = torch.zeros(len(texts), length, dtype=torch.long)  # [PAD] = 0
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            tokens = e.ids if len(e.ids) <= length else e.ids[: length - 1] + [e.ids[-1]]  # keep [SEP]
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-            mask[i, : len(tokens)] = 1
-        return ids, mask
-
     def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
         images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)
         texts = [pre_caption(self._caption(int(r)), self.text.max_words) for r in rows]
         image_ids = torch.from_numpy(self.pairs.image_id[rows])
         if self.swaps is None:
-            ids, mask = self._encode([self.prompt + t for t in texts])
+            ids, mask = encode_texts(self.tokenizer, [self.prompt + t for t in texts], self.text.max_tokens)
             return Batch(images, ids, mask, image_ids, self.prompt_length)
         negatives = [self._negative(int(r), t) for r, t in zip(rows, texts, strict=True)]
         has = torch.tensor([n is not None for n in negatives])
         filled = [t if n is None else n for n, t in zip(negatives, texts, strict=True)]  # (ignored where None)
-        both, both_mask = self._encode([self.prompt + t for t in texts + filled])
+        both, both_mask = encode_texts(self.tokenizer, [self.prompt + t for t in texts + filled],
+                                       self.text.max_tokens)
         b = len(rows)  # positives and negatives share one padded length T
         has &= (both[b:] != both[:b]).any(1)  # a swap past the token limit, or one the tokenizer undoes
         return Batch(images, both[:b], both_mask[:b], image_ids, self.prompt_length,

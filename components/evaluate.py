@@ -220,10 +220,11 @@ def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
 def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None,
                    temp: float | None = None) -> dict[str, Any]:
     """AUROC (of the filter score, per noise kind and per wrong attribute against the correct
-    texts; also of ITM, ITC and, given the filter's ITC temperature, their sum as `signal: itm_itc` scores), removal
-    precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
+    texts; also of ITM, ITC and, given the filter's ITC temperature, their sum as `signal: itm_itc`
+    scores), removal precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
     web = decisions[decisions["source"] == "web"].copy()
-    web["noise"] = [truth["noise"].get(Path(k).stem, "unknown") for k in web["image_key"]]
+    stems = [Path(k).stem for k in web["image_key"]]  # truth.csv's image ids
+    web["noise"] = [truth["noise"].get(s, "unknown") for s in stems]
     noisy, removed = (web["noise"] != "correct").to_numpy(), ~web["kept"].to_numpy()
     hits = int((noisy & removed).sum())
     itm = web["itm_score"].to_numpy(dtype=float)
@@ -232,8 +233,8 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     has_itc = bool(np.isfinite(itc).all())
     noise = web["noise"].to_numpy()
     kinds = {k: ~noisy | (noise == k) for k in sorted(set(noise) - {"correct"})}  # correct + one kind
-    wrong = np.array([truth["attribute"].get(Path(k).stem, "") for k in web["image_key"]]
-                     if "attribute" in truth else [""] * len(web))  # the attribute a text got wrong
+    wrong = np.array([truth["attribute"].get(s, "") for s in stems] if "attribute" in truth
+                     else [""] * len(web))  # the attribute a text got wrong
     attributes = {a: ~noisy | (wrong == a) for a in sorted(set(wrong) - {""})}  # correct + those texts
     out: dict[str, Any] = {
         "auroc": auroc(score, ~noisy),

@@ -113,6 +113,8 @@ class SwapTable:
 
     def __init__(self, fillers: dict[tuple[str, str], tuple[list[str], np.ndarray]]) -> None:
         self.fillers = fillers  # context -> (substitutes, how often each filled it)
+        # the substitutes without the punctuation `pre_caption` keeps: "ring," and "ring" are one word
+        self.bare = {context: [w.strip(_KEPT_PUNCT) for w in words] for context, (words, _) in fillers.items()}
 
     @classmethod
     def build(cls, captions: list[str], min_count: int = 2, max_words: int = 50) -> SwapTable:
@@ -139,21 +141,14 @@ class SwapTable:
         `pre_caption` keeps ("ring," / "ring") do not count: the text would still be true."""
         words = text.split()
         padded = [_EDGE[0], *words, _EDGE[1]]
-        options = [self._options(words[i], (padded[i], padded[i + 2])) for i in range(len(words))]
-        slots = [i for i, found in enumerate(options) if found is not None]
+        contexts = [(padded[i], padded[i + 2]) for i in range(len(words))]
+        slots = [i for i, c in enumerate(contexts)
+                 if any(b != words[i].strip(_KEPT_PUNCT) for b in self.bare.get(c, ()))]
         if not slots:
             return None
         i = slots[int(rng.integers(len(slots)))]
-        fillers, weights = options[i]
+        fillers, counts = self.fillers[contexts[i]]
+        bare = words[i].strip(_KEPT_PUNCT)
+        weights = np.where([b == bare for b in self.bare[contexts[i]]], 0.0, counts)  # never the word itself
         pick = fillers[int(rng.choice(len(fillers), p=weights / weights.sum()))]
         return " ".join([*words[:i], pick, *words[i + 1:]])
-
-    def _options(self, word: str, context: tuple[str, str]) -> tuple[list[str], np.ndarray] | None:
-        """The substitutes of `word` in `context` with their weights (0 for the word itself and its
-        punctuation variants); None when none is left."""
-        if context not in self.fillers:
-            return None
-        fillers, counts = self.fillers[context]
-        bare = word.strip(_KEPT_PUNCT)
-        weights = np.where([f.strip(_KEPT_PUNCT) == bare for f in fillers], 0.0, counts)
-        return (fillers, weights) if weights.sum() > 0 else None

@@ -214,8 +214,8 @@ class BlipEncoderBase(nn.Module):
         image_kv: image-level keys over the candidate images (rows 0..B-1 are the batch's own
         images, candidate c is row `offset + c`); weights: (w_t2i (B, C_img), w_i2t (B, C_txt))
         sampling weights with positives zeroed; candidates: (ids (C_txt, T), mask, offset).
-        extra: (ids (B, T) with the first token set, mask (B, T), valid (B,) bool), one more
-        negative text per image where valid (word-swap negatives). Returns (loss, accuracy).
+        extra: (ids (B, T) `[CLS] ...`, mask (B, T), valid (B,) bool), one more negative text per
+        image where valid (word-swap negatives; `[ENC]` is written here). Returns (loss, accuracy).
         """
         w_t2i, w_i2t = weights
         cand_ids, cand_mask, offset = candidates
@@ -230,7 +230,8 @@ class BlipEncoderBase(nn.Module):
         if extra is not None:
             extra_ids, extra_mask, valid = extra
             assert valid.dtype == torch.bool and extra_ids.shape == enc_ids.shape  # (B,) rows, (B, T)
-            ids, mask, image_rows = ids + [extra_ids[valid]], mask + [extra_mask[valid]], image_rows + [own[valid]]
+            extra_ids = with_first_token(extra_ids[valid], self.config.text.enc_token_id)
+            ids, mask, image_rows = ids + [extra_ids], mask + [extra_mask[valid]], image_rows + [own[valid]]
         ids, mask, image_rows = torch.cat(ids), torch.cat(mask), torch.cat(image_rows)
         kv = ImageKV.build(image_kv.keys, image_kv.values, image_rows)
         hidden = self.text_encoder(ids, mask, mode="multimodal", image_kv=kv)

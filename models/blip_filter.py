@@ -105,7 +105,5 @@ class BlipFilter(BlipEncoderBase):
             positive = image_ids.view(-1, 1) == cand_image_ids.view(1, -1)
             weights = self.negative_weights(sim_t2i, sim_i2t, positive, 0.0)
         image_kv = self.text_encoder.image_kv(images)
-        if negatives is not None:
-            negatives = (with_first_token(negatives[0], self.config.text.enc_token_id), *negatives[1:])
         return self.itm_objective(image_kv, enc_ids, attention_mask, weights,
                                   (cand_ids, cand_mask, offset), generator, negatives)

@@ -112,7 +112,5 @@ class BlipPretrain(BlipEncoderBase):
                 positive = image_ids.view(-1, 1) == image_ids.view(1, -1)
             weights = self.negative_weights(sim_t2i, sim_i2t, positive, ITM_EPS)
         enc_ids = with_first_token(input_ids, self.config.text.enc_token_id)
-        if negatives is not None:
-            negatives = (with_first_token(negatives[0], self.config.text.enc_token_id), *negatives[1:])
         return self.itm_objective(image_kv, enc_ids, attention_mask, weights,
                                   (enc_ids, attention_mask, 0), generator, negatives)

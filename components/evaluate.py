@@ -181,8 +181,8 @@ def _truth(cfg: EvaluateConfig) -> pd.DataFrame | None:
         return None
     path = Path(cfg.web_truth) / "truth.csv"
     with path.open(encoding="utf-8", newline="") as f:
-        rows = [(r["image_id"], r["noise"], _wrong_attribute(r)) for r in csv.DictReader(f)]
-    return pd.DataFrame(rows, columns=["image_id", "noise", "attribute"]).set_index("image_id")
+        rows = [(r["image_id"], r["noise"], _wrong_attribute(r), _presence(r)) for r in csv.DictReader(f)]
+    return pd.DataFrame(rows, columns=["image_id", "noise", "attribute", "presence"]).set_index("image_id")
 
 
 def _wrong_attribute(row: dict[str, str]) -> str:
@@ -191,6 +191,23 @@ def _wrong_attribute(row: dict[str, str]) -> str:
     if row["noise"] != "wrong_attribute":
         return ""
     return (row.get("detail") or "").split(":")[0]
+
+
+def _presence(row: dict[str, str]) -> str:
+    """Whether the wrong value a wrong_attribute text names is on another object of its image
+    ("shape:cross->ring" and a ring elsewhere: "elsewhere") or on none ("absent"): the first is
+    caught only by tying the value to its object, the second by seeing the value at all. "" for
+    other rows and for rows whose detail or scene cannot be read."""
+    attr, _, change = (row.get("detail") or "").partition(":")
+    new = change.partition("->")[2]
+    if row["noise"] != "wrong_attribute" or not new:
+        return ""
+    try:
+        objects = json.loads(row.get("scene") or "")["objects"]
+        values = {str(o.get(attr)) for o in objects}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    return "elsewhere" if new in values else "absent"
 
 
 def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
@@ -236,6 +253,10 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     wrong = np.array([truth["attribute"].get(s, "") for s in stems] if "attribute" in truth
                      else [""] * len(web))  # the attribute a text got wrong
     attributes = {a: ~noisy | (wrong == a) for a in sorted(set(wrong) - {""})}  # correct + those texts
+    where = np.array([truth["presence"].get(s, "") for s in stems] if "presence" in truth
+                     else [""] * len(web))  # the wrong value on another object, or on none
+    presence = {f"{a}_{p}": ~noisy | ((wrong == a) & (where == p))
+                for a, p in sorted(set(zip(wrong, where, strict=True))) if a and p}
     out: dict[str, Any] = {
         "auroc": auroc(score, ~noisy),
         "auroc_itm": auroc(itm, ~noisy),
@@ -245,6 +266,9 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
         "auroc_by_kind": {k: auroc(score[rows], ~noisy[rows]) for k, rows in kinds.items()},
         # wrong_attribute split by the attribute made wrong (shape, colour, ...): which the filter misses
         "auroc_by_attribute": {a: auroc(score[rows], ~noisy[rows]) for a, rows in attributes.items()},
+        # ...and by whether the wrong value is elsewhere in the image ("a red ring" beside a blue
+        # ring: binding) or nowhere ("a red ring" with no ring at all: seeing the shape)
+        "auroc_by_presence": {k: auroc(score[rows], ~noisy[rows]) for k, rows in presence.items()},
         "precision": hits / removed.sum() if removed.sum() else float("nan"),
         "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
         "kept_fraction": float(web["kept"].mean()),

@@ -106,6 +106,16 @@ def test_filter_quality_on_hand_made_decisions():
                             "attribute": ["", "", "shape", "colour"]}, index=["w0", "w1", "w2", "w3"])
     f = evaluate.filter_quality(decisions, swapped, None)
     assert f["auroc_by_attribute"] == {"colour": 0.5, "shape": 1.0}  # 0.6 vs (0.9, 0.3); 0.2 vs both
+    assert f["auroc_by_presence"] == {}  # no scenes read: no presence split
+    # w2 says "ring" where the image has none; w3 "blue" where a blue object is elsewhere
+    scene = json.dumps({"objects": [{"shape": "square", "colour": "red"}, {"shape": "bar", "colour": "blue"}]})
+    rows = [{"noise": "wrong_attribute", "detail": "shape:square->ring", "scene": scene},
+            {"noise": "wrong_attribute", "detail": "colour:red->blue", "scene": scene},
+            {"noise": "wrong_attribute", "detail": "colour:red->blue", "scene": "not json"},
+            {"noise": "correct", "detail": "", "scene": scene}]
+    assert [evaluate._presence(r) for r in rows] == ["absent", "elsewhere", "", ""]
+    f = evaluate.filter_quality(decisions, swapped.assign(presence=["", "", "absent", "elsewhere"]), None)
+    assert f["auroc_by_presence"] == {"colour_elsewhere": 0.5, "shape_absent": 1.0}
     # the decision's own score (here ITM + ITC) is what `auroc` ranks; ITM and ITC alone beside it
     f = evaluate.filter_quality(decisions.assign(score=[2.0, 1.0, -1.0, 0.5], itc_score=[0.4, 0.1, 0.2, 0.3]),
                                 truth, None)
@@ -196,6 +206,7 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     assert f["itc_temperature"] > 0 and 0.0 <= f["auroc_itm_itc"] <= 1.0
     assert set(f["auroc_by_kind"]) == {"junk", "other_image", "wrong_attribute"}
     assert set(f["auroc_by_attribute"]) == {"shape"}  # truth.csv's detail "shape:square->ring"
+    assert set(f["auroc_by_presence"]) == {"shape_absent"}  # and its scene has no ring
     runs = {row["bootstrap"]: (label, row) for label, row in metrics["decoding"].items()}
     assert set(runs) == {str(tmp_path / "boot"), str(tmp_path / "greedy")}
     for root, (label, row) in runs.items():

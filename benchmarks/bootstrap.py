@@ -12,7 +12,10 @@ and configs. Runs alternate; the best of the rounds is kept. capfilt also runs w
 `bootstrap.precision: bf16` (bf16 weights and autocast on the CPU too) against transformers in
 fp32, as a straightforward loop would run, and against transformers with its weights in bf16.
 The last line is one JSON object with images/s of each side, `ratio` = capfilt (default
-precision) / transformers, `ratio_bf16` (capfilt bf16 / transformers fp32) and `ratio_bf16_both`.
+precision) / transformers, `ratio_bf16` (capfilt bf16 / transformers fp32), `ratio_bf16_both`
+and `ceiling`: the transformers loop's time over the time of the work any CapFilt pass must do
+(decode each image, run the captioner's and the filter's ViT once, fp32) — the most `ratio` could
+be if generation and ITM cost nothing.
 `--scaling` adds capfilt alone on 1x, 2x and 4x the images (seconds, peak memory growth).
 Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--threads N] [--scaling]`.
 """
@@ -110,6 +113,19 @@ def hf_loop(hf_cap: Any, hf_itm: Any, tok: Any, rows: pd.DataFrame, root: Path, 
     return scores
 
 
+def vit_floor(models: Models, rows: pd.DataFrame, images: Images, batch: int) -> None:
+    """The work no CapFilt pass with two fine-tuned models can skip: decode and transform each image,
+    run the captioner's ViT and the filter's ViT on it once. Its time bounds capfilt's throughput:
+    the transformers loop's time over this one is the ratio capfilt would reach if generation and
+    ITM cost nothing."""
+    with torch.inference_mode():
+        for s in range(0, len(rows), batch):
+            chunk = rows.iloc[s : s + batch]
+            pil = images.load(chunk["shard"].tolist(), chunk["member"].tolist())
+            for loaded in (models.captioner, models.filter):
+                loaded.model.encode_image(images.tensor(pil, loaded.image_size, models.device))
+
+
 def _capfilt_models(tok: Any, config: Any, pair: dict[str, tuple[Any, Any]], dev: torch.device,
                     precision: str = "auto") -> Models:
     """capfilt's side of `pair` (the converted captioner and filter) as the bootstrap stage loads it:
@@ -140,6 +156,7 @@ def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.
             "capfilt_bf16": lambda: process_shard(shard, rows, cfg, models_bf16, images),
             "hf": lambda: hf_loop(hf_cap, hf_itm, tok, rows, Path(tmp), size, batch, dev),
             "hf_bf16": lambda: hf_loop(hf_cap_bf16, hf_itm_bf16, tok, rows, Path(tmp), size, batch, dev),
+            "floor": lambda: vit_floor(models, rows, images, batch),
         }
         times: dict[str, list[float]] = {name: [] for name in sides}
         for fn in sides.values():
@@ -152,11 +169,14 @@ def bench(preset: str, quick: bool, n: int, batch: int, rounds: int, dev: torch.
     result = {"capfilt_img_s": n / best["capfilt"], "capfilt_bf16_img_s": n / best["capfilt_bf16"],
               "hf_img_s": n / best["hf"], "ratio": best["hf"] / best["capfilt"],
               "ratio_bf16": best["hf"] / best["capfilt_bf16"],
-              "hf_bf16_img_s": n / best["hf_bf16"], "ratio_bf16_both": best["hf_bf16"] / best["capfilt_bf16"]}
+              "hf_bf16_img_s": n / best["hf_bf16"], "ratio_bf16_both": best["hf_bf16"] / best["capfilt_bf16"],
+              "floor_share": best["floor"] / best["capfilt"], "ceiling": best["hf"] / best["floor"]}
     print(f"{label:>14} {n} images, batch {batch}: capfilt {result['capfilt_img_s']:8.1f} img/s  "
           f"(bf16 {result['capfilt_bf16_img_s']:8.1f})  transformers {result['hf_img_s']:8.1f} img/s  "
           f"ratio {result['ratio']:.2f}x (bf16 {result['ratio_bf16']:.2f}x; both in bf16: transformers "
           f"{result['hf_bf16_img_s']:.1f} img/s, {result['ratio_bf16_both']:.2f}x)", flush=True)
+    print(f"{label:>14} floor (image decode + both ViTs once, fp32): {result['floor_share']:.0%} of capfilt's time; "
+          f"ceiling {result['ceiling']:.2f}x if generation and ITM were free", flush=True)
     return {label: result}
 
 
@@ -250,6 +270,7 @@ def main() -> None:
     summary["ratio"] = min(r["ratio"] for r in summary["results"].values())
     summary["ratio_bf16"] = min(r["ratio_bf16"] for r in summary["results"].values())
     summary["ratio_bf16_both"] = min(r["ratio_bf16_both"] for r in summary["results"].values())
+    summary["ceiling"] = min(r["ceiling"] for r in summary["results"].values())
     print(json.dumps(summary))
 
 

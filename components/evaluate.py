@@ -255,8 +255,10 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     attributes = {a: ~noisy | (wrong == a) for a in sorted(set(wrong) - {""})}  # correct + those texts
     where = np.array([truth["presence"].get(s, "") for s in stems] if "presence" in truth
                      else [""] * len(web))  # the wrong value on another object, or on none
-    presence = {f"{a}_{p}": ~noisy | ((wrong == a) & (where == p))
-                for a, p in sorted(set(zip(wrong, where, strict=True))) if a and p}
+    presence: dict[str, dict[str, np.ndarray]] = {}  # attribute -> absent / elsewhere -> rows
+    for a, p in sorted(set(zip(wrong, where, strict=True))):
+        if a and p:
+            presence.setdefault(a, {})[p] = ~noisy | ((wrong == a) & (where == p))
     out: dict[str, Any] = {
         "auroc": auroc(score, ~noisy),
         "auroc_itm": auroc(itm, ~noisy),
@@ -268,7 +270,8 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
         "auroc_by_attribute": {a: auroc(score[rows], ~noisy[rows]) for a, rows in attributes.items()},
         # ...and by whether the wrong value is elsewhere in the image ("a red ring" beside a blue
         # ring: binding) or nowhere ("a red ring" with no ring at all: seeing the shape)
-        "auroc_by_presence": {k: auroc(score[rows], ~noisy[rows]) for k, rows in presence.items()},
+        "auroc_by_presence": {a: {p: auroc(score[rows], ~noisy[rows]) for p, rows in split.items()}
+                              for a, split in presence.items()},
         "precision": hits / removed.sum() if removed.sum() else float("nan"),
         "recall": hits / noisy.sum() if noisy.sum() else float("nan"),
         "kept_fraction": float(web["kept"].mean()),

@@ -205,8 +205,7 @@ def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
              if v is not None]
     where = {"absent": "not in the image", "elsewhere": "on another object"}
     rows += [(f"auroc: correct vs wrong {a}, {where.get(p, p)}", v)
-             for (a, _, p), v in ((k.partition("_"), v) for k, v in f.get("auroc_by_presence", {}).items())
-             if v is not None]
+             for a, split in f.get("auroc_by_presence", {}).items() for p, v in split.items() if v is not None]
     rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
     return pd.DataFrame(rows, columns=["filter", "value"])
 

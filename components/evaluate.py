@@ -240,8 +240,9 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     texts; also of ITM, ITC and, given the filter's ITC temperature, their sum as `signal: itm_itc`
     scores), removal precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
     web = decisions[decisions["source"] == "web"].copy()
-    stems = [Path(k).stem for k in web["image_key"]]  # truth.csv's image ids
-    web["noise"] = [truth["noise"].get(s, "unknown") for s in stems]
+    # truth.csv's rows in web order (ids are the image keys' stems); columns it lacks come out empty
+    info = truth.reindex(index=[Path(k).stem for k in web["image_key"]], columns=["noise", "attribute", "presence"])
+    web["noise"] = info["noise"].fillna("unknown").to_numpy()
     noisy, removed = (web["noise"] != "correct").to_numpy(), ~web["kept"].to_numpy()
     hits = int((noisy & removed).sum())
     itm = web["itm_score"].to_numpy(dtype=float)
@@ -250,11 +251,9 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     has_itc = bool(np.isfinite(itc).all())
     noise = web["noise"].to_numpy()
     kinds = {k: ~noisy | (noise == k) for k in sorted(set(noise) - {"correct"})}  # correct + one kind
-    wrong = np.array([truth["attribute"].get(s, "") for s in stems] if "attribute" in truth
-                     else [""] * len(web))  # the attribute a text got wrong
+    wrong = info["attribute"].fillna("").to_numpy()  # the attribute a text got wrong
     attributes = {a: ~noisy | (wrong == a) for a in sorted(set(wrong) - {""})}  # correct + those texts
-    where = np.array([truth["presence"].get(s, "") for s in stems] if "presence" in truth
-                     else [""] * len(web))  # the wrong value on another object, or on none
+    where = info["presence"].fillna("").to_numpy()  # the wrong value on another object, or on none
     presence: dict[str, dict[str, np.ndarray]] = {}  # attribute -> absent / elsewhere -> rows
     for a, p in sorted(set(zip(wrong, where, strict=True))):
         if a and p:

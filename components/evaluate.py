@@ -241,7 +241,8 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     scores), removal precision/recall, kept fractions per noise kind, wrong kept synthetic captions."""
     web = decisions[decisions["source"] == "web"].copy()
     # truth.csv's rows in web order (ids are the image keys' stems); columns it lacks come out empty
-    info = truth.reindex(index=[Path(k).stem for k in web["image_key"]], columns=["noise", "attribute", "presence"])
+    info = truth.reindex(index=[Path(k).stem for k in web["image_key"]],
+                         columns=["noise", "attribute", "presence"]).astype(object)
     web["noise"] = info["noise"].fillna("unknown").to_numpy()
     noisy, removed = (web["noise"] != "correct").to_numpy(), ~web["kept"].to_numpy()
     hits = int((noisy & removed).sum())

@@ -131,6 +131,18 @@ class TextAugmentConfig(Section):
     # same context in the training captions (components/text.py `SwapTable`), matched against the
     # caption's own image. Up to B more ITM negatives per step: p(match) comes out lower.
     swap_negative: float = Field(0.0, ge=0, le=1)
+    # Share of captions whose ITM negative instead exchanges two of their words that substitute for
+    # each other ("a red ring and a blue cross" -> "a blue ring and a red cross"; `SwapTable.exchange`):
+    # the same words bound to the wrong objects. Needs a caption with two such words; with
+    # `swap_negative` the two shares are disjoint (their sum at most 1).
+    exchange_negative: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _negative_shares(self) -> TextAugmentConfig:
+        if self.swap_negative + self.exchange_negative > 1:
+            raise ValueError(f"swap_negative + exchange_negative is {self.swap_negative + self.exchange_negative:g}; "
+                             "each caption brings at most one negative, so the two shares sum to at most 1")
+        return self
 
 
 class TextInput(Section):

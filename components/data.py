@@ -48,7 +48,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) long, 1 = token
     image_ids: torch.Tensor  # (B,) long, dense per image (captions of one image share it)
     prompt_length: int = 0  # [CLS] + prompt tokens, not predicted by the captioner's LM loss
-    # Word-swap ITM negatives (`text_augment.swap_negative`): row i's text with one word swapped.
+    # Word-swap / -exchange ITM negatives (`text_augment`): row i's text with one word swapped or two exchanged.
     negative_ids: torch.Tensor | None = None  # (B, T) long
     negative_mask: torch.Tensor | None = None  # (B, T) long
     has_negative: torch.Tensor | None = None  # (B,) bool: rows without one are ignored
@@ -180,7 +180,8 @@ class ManifestBatches(IterableDataset):
         super().__init__()
         self.pairs, self.tokenizer, self.text, self.prompt = pairs, tokenizer, text, prompt
         self.text_augment = text_augment or TextAugmentConfig()
-        self.swaps = _swap_table(pairs.caption, text.max_words) if self.text_augment.swap_negative > 0 else None
+        negatives = self.text_augment.swap_negative + self.text_augment.exchange_negative
+        self.swaps = _swap_table(pairs.caption, text.max_words) if negatives > 0 else None
         self.transform = build_transform(image_size, augment)
         self.augment = augment.enabled
         self.micro, self.rank, self.world = micro_batch, rank, world_size
@@ -234,11 +235,16 @@ class ManifestBatches(IterableDataset):
         return partial_caption(caption, rng, aug.word_drop)
 
     def _negative(self, row: int, text: str) -> str | None:
-        """The word-swap negative of `text` (pre_caption form) for this row, or None."""
+        """The word-swap or word-exchange negative of `text` (pre_caption form) for this row, or None."""
         rng = np.random.default_rng(_sample_seed(self.seed + 2, self.epoch, row))  # resume-stable
-        if self.swaps is None or rng.random() >= self.text_augment.swap_negative:
+        if self.swaps is None:
             return None
-        return self.swaps.negative(text, rng)
+        draw, aug = rng.random(), self.text_augment
+        if draw < aug.swap_negative:
+            return self.swaps.negative(text, rng)
+        if draw < aug.swap_negative + aug.exchange_negative:
+            return self.swaps.exchange(text, rng)
+        return None
 
     def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
         images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)

@@ -95,6 +95,12 @@ def partial_caption(caption: str, rng: np.random.Generator, word_drop: float) ->
 
 _EDGE = ("\x02", "\x03")  # sentence-start / -end markers in the context keys (never a word)
 _KEPT_PUNCT = ",?'-"  # punctuation `pre_caption` keeps; a swap must change more than that
+# English function words: exchanging two of them ("in the upper left ... at the top" -> "at the
+# upper left ... in the top") rewords a caption without making it false, so no exchange uses them.
+_FUNCTION_WORDS = frozenset(
+    "a an the this that these those of in on at to by from with without into onto over under above "
+    "below near beside next and or but its it it's their there here is are was were be has have "
+    "shows showing shown image picture photo".split())
 
 
 class SwapTable:
@@ -115,6 +121,7 @@ class SwapTable:
         self.fillers = fillers  # context -> (substitutes, how often each filled it)
         # the substitutes without the punctuation `pre_caption` keeps: "ring," and "ring" are one word
         self.bare = {context: [w.strip(_KEPT_PUNCT) for w in words] for context, (words, _) in fillers.items()}
+        self.bare_sets = {context: frozenset(words) for context, words in self.bare.items()}
 
     @classmethod
     def build(cls, captions: list[str], min_count: int = 2, max_words: int = 50) -> SwapTable:
@@ -152,3 +159,26 @@ class SwapTable:
         weights = np.where([b == bare for b in self.bare[contexts[i]]], 0.0, counts)  # never the word itself
         pick = fillers[int(rng.choice(len(fillers), p=weights / weights.sum()))]
         return " ".join([*words[:i], pick, *words[i + 1:]])
+
+    def exchange(self, text: str, rng: np.random.Generator) -> str | None:
+        """`text` (already in `pre_caption` form) with two of its words exchanged, where each is a
+        substitute in the other's context ("a red ring and a blue cross" -> "a blue ring and a
+        red cross"); None when no two words qualify. The words stay the same, only what they are
+        bound to changes: a negative a bag-of-words reading cannot tell from the caption (the
+        compositional hard negatives of NegCLIP, Yuksekgonul et al. 2023). English function words
+        and framing words ("in"/"at", "image"/"picture") are never exchanged: that only rewords.
+        Each word keeps its slot's punctuation; the pair is drawn uniformly."""
+        words = text.split()
+        padded = [_EDGE[0], *words, _EDGE[1]]
+        contexts = [(padded[i], padded[i + 2]) for i in range(len(words))]
+        bare = [w.strip(_KEPT_PUNCT) for w in words]
+        bare = [b if b not in _FUNCTION_WORDS else "" for b in bare]
+        mates = [self.bare_sets.get(c, frozenset()) for c in contexts]
+        pairs = [(i, j) for i in range(len(words)) if bare[i] and mates[i] for j in range(i + 1, len(words))
+                 if bare[j] and bare[j] != bare[i] and bare[j] in mates[i] and bare[i] in mates[j]]
+        if not pairs:
+            return None
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        out = list(words)
+        out[i], out[j] = words[i].replace(bare[i], bare[j], 1), words[j].replace(bare[j], bare[i], 1)
+        return " ".join(out)

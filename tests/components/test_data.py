@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -32,10 +33,11 @@ def corpus(tmp_path_factory):
 
 
 def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prompt="", seed=0,
-            partial=0.0, swap=0.0):
+            partial=0.0, swap=0.0, exchange=0.0):
     return ManifestBatches(pairs, tok, TextInput(max_tokens=12), AugmentConfig(enabled=augment), 32,
                            micro, rank, world, seed=seed, shuffle_buffer=16, num_workers=workers,
-                           prompt=prompt, text_augment=TextAugmentConfig(partial=partial, swap_negative=swap))
+                           prompt=prompt, text_augment=TextAugmentConfig(partial=partial, swap_negative=swap,
+                                                                          exchange_negative=exchange))
 
 
 def _all(source, epoch=0, skip=0):
@@ -147,6 +149,46 @@ def test_swap_table_replaces_one_word_by_a_context_mate():
     assert len(SwapTable.build(captions, min_count=2)) == 0  # red and green seen once: blue alone
     commas = SwapTable.build(["a red ring, a cross", "a red ring a cross"], min_count=1)
     assert commas.negative("a red ring, a cross", rng) is None  # "ring," -> "ring" would still be true
+
+
+def test_exchange_binds_the_same_words_to_other_objects():
+    captions = ["a red ring in the upper left and a blue cross at the top", "a blue ring at the top",
+                "a red cross in the lower left", "a red ring at the top", "a blue cross in the lower left"]
+    table = SwapTable.build(captions, min_count=1)
+    rng = np.random.default_rng(0)
+    outs = {table.exchange("a red ring in the upper left and a blue cross at the top", rng) for _ in range(200)}
+    # red/blue and ring/cross are mates in each other's contexts; "in"/"at" are too, but an
+    # exchange of function words only rewords the caption, so it is never drawn
+    assert outs == {"a blue ring in the upper left and a red cross at the top",
+                    "a red cross in the upper left and a blue ring at the top"}
+    assert table.exchange("a red ring in the upper left", rng) is None  # one object: nothing to rebind
+    commas = SwapTable.build(["a red ring, a blue cross", "a blue ring, a red cross"], min_count=1)
+    assert commas.exchange("a red ring, a blue cross", rng) in {"a blue ring, a red cross", "a red cross, a blue ring"}
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        TextAugmentConfig(swap_negative=0.6, exchange_negative=0.5)
+
+
+def test_exchange_negatives_reorder_the_caption_s_own_words(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    other = ["green", "yellow"]  # a second object, so that each caption has two colours to exchange
+    pairs = dataclasses.replace(pairs, caption=[f"{c} and a {other[i % 2]} square"
+                                                for i, c in enumerate(pairs.caption)])
+
+    def source(exchange):
+        return ManifestBatches(pairs, tok, TextInput(max_tokens=24), AugmentConfig(), 32, 8, seed=0, shuffle_buffer=16,
+                               text_augment=TextAugmentConfig(exchange_negative=exchange))
+
+    plain, mixed = _all(source(0.0)), _all(source(1.0))
+    assert all(torch.equal(a.negative_ids, b.negative_ids) for a, b in zip(mixed, _all(source(1.0))))  # seeded
+    exchanged = 0
+    for p, s in zip(plain, mixed):
+        assert torch.equal(p.input_ids, s.input_ids[:, : p.input_ids.shape[1]])  # positives untouched
+        for row in np.flatnonzero(s.has_negative.numpy()):
+            pos = tok.decode(s.input_ids[row][s.attention_mask[row].bool()].tolist()).split()
+            neg = tok.decode(s.negative_ids[row][s.negative_mask[row].bool()].tolist()).split()
+            assert sorted(pos) == sorted(neg) and pos != neg  # same words, other order
+            exchanged += 1
+    assert exchanged > 0.5 * len(pairs)
 
 
 def test_a_swap_the_token_limit_cuts_off_is_no_negative(corpus):

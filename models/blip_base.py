@@ -215,7 +215,9 @@ class BlipEncoderBase(nn.Module):
         images, candidate c is row `offset + c`); weights: (w_t2i (B, C_img), w_i2t (B, C_txt))
         sampling weights with positives zeroed; candidates: (ids (C_txt, T), mask, offset).
         extra: (ids (B, T) `[CLS] ...`, mask (B, T), valid (B,) bool), one more negative text per
-        image where valid (word-swap negatives; `[ENC]` is written here). Returns (loss, accuracy).
+        image where valid (word-swap / -exchange negatives; `[ENC]` is written here); the positive
+        pair of such a row then weighs 2, so that a kind of caption that brings extra negatives (an
+        exchange needs two objects) is not thereby a likelier mismatch. Returns (loss, accuracy).
         """
         w_t2i, w_i2t = weights
         cand_ids, cand_mask, offset = candidates
@@ -237,7 +239,11 @@ class BlipEncoderBase(nn.Module):
         hidden = self.text_encoder(ids, mask, mode="multimodal", image_kv=kv)
         logits = self.itm_head(hidden[:, 0])  # (B + n1 + n2 [+ n3], 2)
         labels = itm_labels(batch, ids.shape[0] - batch, device=ids.device)
-        return itm_loss(logits, labels, self.config.itm_positive_weight)
+        row_weight = None
+        if extra is not None:
+            row_weight = torch.ones(ids.shape[0], device=ids.device)
+            row_weight[:batch] += extra[2].to(row_weight.dtype)  # balance each extra negative
+        return itm_loss(logits, labels, self.config.itm_positive_weight, row_weight)
 
     def negative_weights(self, sim_t2i: Tensor, sim_i2t: Tensor, positive: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         """Negative sampling weights for both directions from the similarity logits (sim / temp);

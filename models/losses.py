@@ -132,16 +132,19 @@ def itm_labels(batch: int, negatives: int, device: torch.device | None = None) -
                       torch.zeros(negatives, dtype=torch.long, device=device)])
 
 
-def itm_loss(logits: Tensor, labels: Tensor, positive_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+def itm_loss(logits: Tensor, labels: Tensor, positive_weight: float = 1.0,
+             row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Cross-entropy over (M, 2) ITM logits -> (loss, accuracy (detached)).
 
     `positive_weight` weights the match class (the weighted mean of torch's cross-entropy); 1.0 is
-    BLIP's plain mean, 2.0 gives its B positives the weight of its 2B negatives.
+    BLIP's plain mean, 2.0 gives its B positives the weight of its 2B negatives. `row_weight` (M,)
+    multiplies each row's weight on top (None: all 1).
     """
-    weight = None
-    if positive_weight != 1.0:
-        weight = torch.tensor([1.0, positive_weight], device=logits.device)
-    loss = F.cross_entropy(logits.float(), labels, weight=weight)
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+    weight = torch.where(labels == 1, positive_weight, 1.0).to(per_row.dtype)
+    if row_weight is not None:
+        weight = weight * row_weight.to(per_row.dtype)
+    loss = (per_row * weight).sum() / weight.sum()
     accuracy = (logits.detach().argmax(1) == labels).float().mean()
     return loss, accuracy
 

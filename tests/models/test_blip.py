@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.blip import BlipCaptioner, BlipFilter, BlipPretrain, count_parameters
 from models.blip_base import with_first_token
@@ -233,7 +234,11 @@ def test_word_swap_negatives_join_the_itm_batch_as_mismatches(cls):
         hook.remove()
     assert [x.shape[0] for x in logits] == [3 * B, 3 * B, 3 * B + 3]  # one more row per valid negative
     torch.testing.assert_close(none_valid.loss_itm, plain.loss_itm)
-    want, _ = itm_loss(logits[2], itm_labels(B, 2 * B + 3), TINY.itm_positive_weight)
+    labels = itm_labels(B, 2 * B + 3)
+    per_row = F.cross_entropy(logits[2], labels, reduction="none")
+    weight = torch.ones(len(labels))
+    weight[:B][valid] = 2.0  # the positive of a row with an extra negative weighs as much as both of its negatives
+    want = (per_row * weight).sum() / weight.sum()
     torch.testing.assert_close(out.loss_itm, want)  # every added row is labelled a mismatch
     with torch.no_grad():  # ... and scores the swapped text against its own image
         own = model.itm_logits(model.encode_image(image), swapped[valid], mask[valid], torch.arange(B)[valid])

@@ -154,6 +154,10 @@ def test_itm_positive_weight_balances_the_classes_by_hand():
     expected = (2 * per_row[:2].sum() + per_row[2:].sum()) / (2 * 2 + 4)  # positives count double
     assert loss.item() == pytest.approx(expected.item())
     assert itm_loss(logits, labels, 1.0)[0].item() == pytest.approx(per_row.mean().item())
+    rows = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # row weights multiply the class weight
+    loss, _ = itm_loss(logits, labels, positive_weight=2.0, row_weight=rows)
+    expected = (6 * per_row[0] + 2 * per_row[1] + per_row[2:].sum()) / (6 + 2 + 4)
+    assert loss.item() == pytest.approx(expected.item())
 
 
 def test_lm_labels_and_loss_by_hand():

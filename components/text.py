@@ -167,14 +167,17 @@ class SwapTable:
         bound to changes: a negative a bag-of-words reading cannot tell from the caption (the
         compositional hard negatives of NegCLIP, Yuksekgonul et al. 2023). English function words
         and framing words ("in"/"at", "image"/"picture") are never exchanged: that only rewords.
-        Each word keeps its slot's punctuation; the pair is drawn uniformly."""
+        Neither are neighbours (each is the other's context). Each word keeps its slot's
+        punctuation; the pair is drawn uniformly. Known cost: an exchange between objects that
+        share the rest of the description ("a red ring and a red cross" -> "a red cross and a
+        red ring") stays true."""
         words = text.split()
         padded = [_EDGE[0], *words, _EDGE[1]]
         contexts = [(padded[i], padded[i + 2]) for i in range(len(words))]
         bare = [w.strip(_KEPT_PUNCT) for w in words]
         bare = [b if b not in _FUNCTION_WORDS else "" for b in bare]
         mates = [self.bare_sets.get(c, frozenset()) for c in contexts]
-        pairs = [(i, j) for i in range(len(words)) if bare[i] and mates[i] for j in range(i + 1, len(words))
+        pairs = [(i, j) for i in range(len(words)) if bare[i] and mates[i] for j in range(i + 2, len(words))
                  if bare[j] and bare[j] != bare[i] and bare[j] in mates[i] and bare[i] in mates[j]]
         if not pairs:
             return None

@@ -216,8 +216,9 @@ class BlipEncoderBase(nn.Module):
         sampling weights with positives zeroed; candidates: (ids (C_txt, T), mask, offset).
         extra: (ids (B, T) `[CLS] ...`, mask (B, T), valid (B,) bool), one more negative text per
         image where valid (word-swap / -exchange negatives; `[ENC]` is written here); the positive
-        pair of such a row then weighs 2, so that a kind of caption that brings extra negatives (an
-        exchange needs two objects) is not thereby a likelier mismatch. Returns (loss, accuracy).
+        pair of such a row then counts twice (on top of `itm_positive_weight`), so that a kind of
+        caption that brings extra negatives (an exchange needs two objects) is less of a likelier
+        mismatch. Returns (loss, accuracy).
         """
         w_t2i, w_i2t = weights
         cand_ids, cand_mask, offset = candidates
@@ -242,7 +243,7 @@ class BlipEncoderBase(nn.Module):
         row_weight = None
         if extra is not None:
             row_weight = torch.ones(ids.shape[0], device=ids.device)
-            row_weight[:batch] += extra[2].to(row_weight.dtype)  # balance each extra negative
+            row_weight[:batch] += extra[2].to(row_weight.dtype)  # its positive once more per extra negative
         return itm_loss(logits, labels, self.config.itm_positive_weight, row_weight)
 
     def negative_weights(self, sim_t2i: Tensor, sim_i2t: Tensor, positive: Tensor, eps: float) -> tuple[Tensor, Tensor]:

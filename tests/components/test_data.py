@@ -162,8 +162,12 @@ def test_exchange_binds_the_same_words_to_other_objects():
     assert outs == {"a blue ring in the upper left and a red cross at the top",
                     "a red cross in the upper left and a blue ring at the top"}
     assert table.exchange("a red ring in the upper left", rng) is None  # one object: nothing to rebind
-    commas = SwapTable.build(["a red ring, a blue cross", "a blue ring, a red cross"], min_count=1)
-    assert commas.exchange("a red ring, a blue cross", rng) in {"a blue ring, a red cross", "a red cross, a blue ring"}
+    commas = SwapTable.build(["a red ring, a blue cross", "a red cross, a blue ring"], min_count=1)
+    # ring and cross are mates in ("red", "a") and ("blue", end); the colours have none here. Each
+    # slot keeps its punctuation, the word moves without it
+    outs = {commas.exchange("a red ring, a blue cross", rng) for _ in range(100)}
+    assert outs == {"a red cross, a blue ring"}
+    assert SwapTable.build(["a red ring", "a ring red"], min_count=1).exchange("a red ring", rng) is None  # neighbours
     with pytest.raises(ValueError, match="sum to at most 1"):
         TextAugmentConfig(swap_negative=0.6, exchange_negative=0.5)
 
@@ -189,6 +193,25 @@ def test_exchange_negatives_reorder_the_caption_s_own_words(corpus):
             assert sorted(pos) == sorted(neg) and pos != neg  # same words, other order
             exchanged += 1
     assert exchanged > 0.5 * len(pairs)
+
+
+def test_swap_and_exchange_share_one_draw(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    pairs = dataclasses.replace(pairs, caption=[f"{c} and a {['green', 'yellow'][i % 2]} square"
+                                                for i, c in enumerate(pairs.caption)])
+
+    def negatives(swap, exchange):
+        source = ManifestBatches(pairs, tok, TextInput(max_tokens=24), AugmentConfig(), 32, 8, seed=0,
+                                 shuffle_buffer=16, text_augment=TextAugmentConfig(swap_negative=swap,
+                                                                                  exchange_negative=exchange))
+        return [source._negative(r, pre_caption(c, 30)) for r, c in enumerate(pairs.caption)]
+
+    swaps, both = negatives(0.5, 0.0), negatives(0.5, 0.5)
+    texts = [pre_caption(c, 30) for c in pairs.caption]
+    kinds = {"swap" if sorted(n.split()) != sorted(t.split()) else "exchange"
+             for n, t in zip(both, texts, strict=True) if n is not None}
+    assert kinds == {"swap", "exchange"}  # both kinds come out of one mixed draw
+    assert all(b == s for s, b in zip(swaps, both, strict=True) if s is not None)  # a row's swap is unchanged
 
 
 def test_a_swap_the_token_limit_cuts_off_is_no_negative(corpus):

@@ -237,7 +237,8 @@ def test_word_swap_negatives_join_the_itm_batch_as_mismatches(cls):
     labels = itm_labels(B, 2 * B + 3)
     per_row = F.cross_entropy(logits[2], labels, reduction="none")
     weight = torch.ones(len(labels))
-    weight[:B][valid] = 2.0  # the positive of a row with an extra negative weighs as much as both of its negatives
+    weight[:B] = TINY.itm_positive_weight
+    weight[:B][valid] *= 2.0  # the positive of a row with an extra negative counts twice
     want = (per_row * weight).sum() / weight.sum()
     torch.testing.assert_close(out.loss_itm, want)  # every added row is labelled a mismatch
     with torch.no_grad():  # ... and scores the swapped text against its own image

@@ -95,8 +95,9 @@ def partial_caption(caption: str, rng: np.random.Generator, word_drop: float) ->
 
 _EDGE = ("\x02", "\x03")  # sentence-start / -end markers in the context keys (never a word)
 _KEPT_PUNCT = ",?'-"  # punctuation `pre_caption` keeps; a swap must change more than that
-# English function words: exchanging two of them ("in the upper left ... at the top" -> "at the
-# upper left ... in the top") rewords a caption without making it false, so no exchange uses them.
+# English function words and framing nouns ("image", "picture"): exchanging two of them ("in the
+# upper left ... at the top" -> "at the upper left ... in the top") rewords a caption without
+# making it false, so no exchange uses them.
 _FUNCTION_WORDS = frozenset(
     "a an the this that these those of in on at to by from with without into onto over under above "
     "below near beside next and or but its it it's their there here is are was were be has have "

@@ -33,8 +33,8 @@ def corpus(tmp_path_factory):
 
 
 def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prompt="", seed=0,
-            partial=0.0, swap=0.0, exchange=0.0):
-    return ManifestBatches(pairs, tok, TextInput(max_tokens=12), AugmentConfig(enabled=augment), 32,
+            partial=0.0, swap=0.0, exchange=0.0, max_tokens=12):
+    return ManifestBatches(pairs, tok, TextInput(max_tokens=max_tokens), AugmentConfig(enabled=augment), 32,
                            micro, rank, world, seed=seed, shuffle_buffer=16, num_workers=workers,
                            prompt=prompt, text_augment=TextAugmentConfig(partial=partial, swap_negative=swap,
                                                                           exchange_negative=exchange))
@@ -42,6 +42,12 @@ def _source(pairs, tok, micro=8, rank=0, world=1, workers=0, augment=False, prom
 
 def _all(source, epoch=0, skip=0):
     return list(source.batches(epoch, skip))
+
+
+def _two_objects(pairs):
+    """The pairs with a second object in each caption, so that it has two colours to exchange."""
+    return dataclasses.replace(pairs, caption=[f"{c} and a {['green', 'yellow'][i % 2]} square"
+                                               for i, c in enumerate(pairs.caption)])
 
 
 def test_pairs_keep_train_rows_and_number_images_densely(corpus):
@@ -173,17 +179,10 @@ def test_exchange_binds_the_same_words_to_other_objects():
 
 
 def test_exchange_negatives_reorder_the_caption_s_own_words(corpus):
-    pairs, tok = load_pairs([corpus[0]]), corpus[3]
-    other = ["green", "yellow"]  # a second object, so that each caption has two colours to exchange
-    pairs = dataclasses.replace(pairs, caption=[f"{c} and a {other[i % 2]} square"
-                                                for i, c in enumerate(pairs.caption)])
-
-    def source(exchange):
-        return ManifestBatches(pairs, tok, TextInput(max_tokens=24), AugmentConfig(), 32, 8, seed=0, shuffle_buffer=16,
-                               text_augment=TextAugmentConfig(exchange_negative=exchange))
-
-    plain, mixed = _all(source(0.0)), _all(source(1.0))
-    assert all(torch.equal(a.negative_ids, b.negative_ids) for a, b in zip(mixed, _all(source(1.0))))  # seeded
+    pairs, tok = _two_objects(load_pairs([corpus[0]])), corpus[3]
+    plain, mixed = _all(_source(pairs, tok, max_tokens=24)), _all(_source(pairs, tok, exchange=1.0, max_tokens=24))
+    again = _all(_source(pairs, tok, exchange=1.0, max_tokens=24))
+    assert all(torch.equal(a.negative_ids, b.negative_ids) for a, b in zip(mixed, again))  # seeded
     exchanged = 0
     for p, s in zip(plain, mixed):
         assert torch.equal(p.input_ids, s.input_ids[:, : p.input_ids.shape[1]])  # positives untouched
@@ -196,18 +195,14 @@ def test_exchange_negatives_reorder_the_caption_s_own_words(corpus):
 
 
 def test_swap_and_exchange_share_one_draw(corpus):
-    pairs, tok = load_pairs([corpus[0]]), corpus[3]
-    pairs = dataclasses.replace(pairs, caption=[f"{c} and a {['green', 'yellow'][i % 2]} square"
-                                                for i, c in enumerate(pairs.caption)])
+    pairs, tok = _two_objects(load_pairs([corpus[0]])), corpus[3]
+    texts = [pre_caption(c, 30) for c in pairs.caption]
 
     def negatives(swap, exchange):
-        source = ManifestBatches(pairs, tok, TextInput(max_tokens=24), AugmentConfig(), 32, 8, seed=0,
-                                 shuffle_buffer=16, text_augment=TextAugmentConfig(swap_negative=swap,
-                                                                                  exchange_negative=exchange))
-        return [source._negative(r, pre_caption(c, 30)) for r, c in enumerate(pairs.caption)]
+        source = _source(pairs, tok, swap=swap, exchange=exchange, max_tokens=24)
+        return [source._negative(r, t) for r, t in enumerate(texts)]
 
     swaps, both = negatives(0.5, 0.0), negatives(0.5, 0.5)
-    texts = [pre_caption(c, 30) for c in pairs.caption]
     kinds = {"swap" if sorted(n.split()) != sorted(t.split()) else "exchange"
              for n, t in zip(both, texts, strict=True) if n is not None}
     assert kinds == {"swap", "exchange"}  # both kinds come out of one mixed draw

@@ -34,6 +34,12 @@ class VisionConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass
     grad_ckpt_layers: int = 0  # checkpoint only the last k blocks; 0 means all blocks
     pos_embed_init: str = "learned"  # "learned" (trunc-normal) or "sincos" (fixed 2-D init, learnable)
+    # sincos only: the coordinate step between neighbouring patches and the table's amplitude. On a
+    # 4x4 grid at step 1 most frequencies hardly move and the position signal is faint: the tiny
+    # preset's captioner then places a lone object right but binds objects to positions at chance
+    # (README, "Position binding")
+    pos_embed_step: float = 1.0
+    pos_embed_gain: float = 1.0
 
     @property
     def grid(self) -> int:
@@ -101,7 +107,8 @@ def _sizes(width: int, depth: int, heads: int) -> dict[str, int]:
 
 PRESETS: dict[str, BlipConfig] = {
     "tiny": BlipConfig(
-        vision=VisionConfig(image_size=64, patch_size=16, **_sizes(128, 4, 4), pos_embed_init="sincos"),
+        vision=VisionConfig(image_size=64, patch_size=16, **_sizes(128, 4, 4), pos_embed_init="sincos",
+                            pos_embed_step=4.0, pos_embed_gain=3.0),
         text=TextConfig(
             vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
             max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
@@ -191,6 +198,10 @@ def validate(config: BlipConfig) -> None:
                          f"got {config.itm_negative_hardness}")
     if v.pos_embed_init not in ("learned", "sincos"):
         raise ValueError(f"vision.pos_embed_init must be 'learned' or 'sincos', got {v.pos_embed_init!r}")
+    for key in ("pos_embed_step", "pos_embed_gain"):
+        value = getattr(v, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"vision.{key} must be a finite number > 0, got {value}")
     ids = {k: getattr(t, k) for k in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "enc_token_id")}
     for key, value in ids.items():
         if not 0 <= value < t.vocab_size:

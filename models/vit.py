@@ -43,7 +43,8 @@ class BlipViT(VisionTransformer):
         self.set_grad_checkpointing(config.grad_checkpointing)
         if config.pos_embed_init == "sincos":
             with torch.no_grad():
-                self.pos_embed.copy_(sincos_pos_embed(config.width, config.grid).unsqueeze(0))
+                self.pos_embed.copy_(sincos_pos_embed(config.width, config.grid, config.pos_embed_step,
+                                                   config.pos_embed_gain).unsqueeze(0))
 
     def forward(self, image: Tensor) -> Tensor:
         """image (B, 3, H, W) -> tokens (B, 1+N, D) after the final norm."""
@@ -65,19 +66,22 @@ def build_vit(config: VisionConfig) -> BlipViT:
     return BlipViT(config)
 
 
-def sincos_pos_embed(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sine-cosine table (1+grid², dim); the class-token row is zero."""
+def sincos_pos_embed(dim: int, grid: int, step: float = 1.0, gain: float = 1.0) -> Tensor:
+    """Fixed 2-D sine-cosine table (1+grid², dim); the class-token row is zero.
+
+    Patch (i, j) sits at coordinates (i·step, j·step); `gain` scales the whole table.
+    """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))  # (D/4,)
-    coords = torch.arange(grid, dtype=torch.float64)
+    coords = torch.arange(grid, dtype=torch.float64) * step
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (g, g) each
     parts = []
     for pos in (yy.reshape(-1), xx.reshape(-1)):
         angles = pos[:, None] * omega[None, :]  # (g², D/4)
         parts += [torch.sin(angles), torch.cos(angles)]
-    table = torch.cat(parts, dim=1)  # (g², D)
+    table = torch.cat(parts, dim=1) * gain  # (g², D)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
 
 

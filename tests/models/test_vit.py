@@ -44,11 +44,29 @@ def test_gradient_checkpointing_matches(tiny_vision):
 def test_sincos_init_is_option():
     learned = build_vit(resolve_config("tiny", {"vision.pos_embed_init": "learned"}).vision)
     sincos = build_vit(resolve_config("tiny").vision)
-    table = sincos_pos_embed(128, 4)
+    table = sincos_pos_embed(128, 4, step=4.0, gain=3.0)
     assert table.shape == (17, 128) and torch.all(table[0] == 0)
     torch.testing.assert_close(sincos.pos_embed[0].detach(), table)
     assert not torch.allclose(learned.pos_embed[0].detach(), table)
     assert sincos.pos_embed.requires_grad
+
+
+def test_sincos_step_and_gain():
+    plain, stepped = sincos_pos_embed(128, 4), sincos_pos_embed(128, 4, step=4.0)
+    # patch (i, j) at step s is patch (s*i, s*j) of a step-1 table on a larger grid
+    torch.testing.assert_close(stepped[1 + 4 + 1], sincos_pos_embed(128, 5)[1 + 4 * 5 + 4])
+    # a larger step spreads neighbouring patches apart: the faint signal of a small grid
+    def nearest(t):
+        return torch.cdist(t[1:], t[1:]).masked_fill(torch.eye(16, dtype=torch.bool), 1e9).min()
+    assert nearest(stepped) > 2 * nearest(plain)
+    torch.testing.assert_close(sincos_pos_embed(128, 4, gain=3.0), 3 * plain)
+
+
+@pytest.mark.parametrize("key", ["vision.pos_embed_step", "vision.pos_embed_gain"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_sincos_step_and_gain_must_be_positive(key, value):
+    with pytest.raises(ValueError, match=key):
+        resolve_config("tiny", {key: value})
 
 
 def test_interpolate_pos_embed_keeps_cls_and_resizes():

@@ -57,7 +57,8 @@ def test_sincos_step_and_gain():
     torch.testing.assert_close(stepped[1 + 4 + 1], sincos_pos_embed(128, 5)[1 + 4 * 5 + 4])
     # a larger step spreads neighbouring patches apart: the faint signal of a small grid
     def nearest(t):
-        return torch.cdist(t[1:], t[1:]).masked_fill(torch.eye(16, dtype=torch.bool), 1e9).min()
+        d = torch.cdist(t[1:], t[1:])
+        return d.masked_fill(torch.eye(len(d), dtype=torch.bool), float("inf")).min()
     assert nearest(stepped) > 2 * nearest(plain)
     torch.testing.assert_close(sincos_pos_embed(128, 4, gain=3.0), 3 * plain)
 

@@ -136,12 +136,19 @@ class TextAugmentConfig(Section):
     # the same words bound to the wrong objects. Needs a caption with two such words; with
     # `swap_negative` the two shares are disjoint (their sum at most 1).
     exchange_negative: float = Field(0.0, ge=0, le=1)
+    # Share of captions whose ITM negative is instead a text of another image drawn from a corpus:
+    # the filter's `negative_manifests` (e.g. the web corpus it is about to clean), else the stage's
+    # own captions. Texts that only ever met images in pre-training — alt-text boilerplate, file
+    # names — otherwise never appear as a mismatch in the fine-tune, and keep whatever p(match)
+    # pre-training left them.
+    corpus_negative: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _negative_shares(self) -> TextAugmentConfig:
-        if self.swap_negative + self.exchange_negative > 1:
-            raise ValueError(f"swap_negative + exchange_negative is {self.swap_negative + self.exchange_negative:g}; "
-                             "each caption brings at most one negative, so the two shares sum to at most 1")
+        total = self.swap_negative + self.exchange_negative + self.corpus_negative
+        if total > 1:
+            raise ValueError(f"swap_negative + exchange_negative + corpus_negative is {total:g}; "
+                             "each caption brings at most one negative, so the shares sum to at most 1")
         return self
 
 
@@ -193,6 +200,8 @@ class FilterTune(Section):
     text: TextInput = TextInput()
     augment: AugmentConfig = AugmentConfig()
     text_augment: TextAugmentConfig = TextAugmentConfig()
+    # texts (split train rows) drawn as `text_augment.corpus_negative` ITM negatives; [] = the human captions
+    negative_manifests: list[str] = Field(default_factory=list)
 
 
 class FinetuneConfig(Section):

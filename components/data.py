@@ -176,12 +176,18 @@ class ManifestBatches(IterableDataset):
     def __init__(self, pairs: Pairs, tokenizer: object, text: TextInput, augment: AugmentConfig,
                  image_size: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                 prompt: str = "", text_augment: TextAugmentConfig | None = None) -> None:
+                 prompt: str = "", text_augment: TextAugmentConfig | None = None,
+                 negative_pool: Sequence[str] | None = None) -> None:
         super().__init__()
         self.pairs, self.tokenizer, self.text, self.prompt = pairs, tokenizer, text, prompt
-        self.text_augment = text_augment or TextAugmentConfig()
-        negatives = self.text_augment.swap_negative + self.text_augment.exchange_negative
-        self.swaps = _swap_table(pairs.caption, text.max_words) if negatives > 0 else None
+        self.text_augment = aug = text_augment or TextAugmentConfig()
+        words = aug.swap_negative + aug.exchange_negative
+        self.swaps = _swap_table(pairs.caption, text.max_words) if words > 0 else None
+        self.negatives = words + aug.corpus_negative > 0
+        # corpus negatives: texts of other images; None = this stage's captions (other images' only)
+        self.pool = list(negative_pool) if negative_pool is not None else None
+        if aug.corpus_negative > 0 and self.pool is not None and not self.pool:
+            raise CapfiltError("text_augment.corpus_negative needs texts, and the negative manifests hold none")
         self.transform = build_transform(image_size, augment)
         self.augment = augment.enabled
         self.micro, self.rank, self.world = micro_batch, rank, world_size
@@ -237,20 +243,31 @@ class ManifestBatches(IterableDataset):
     def _negative(self, row: int, text: str) -> str | None:
         """The word-swap or word-exchange negative of `text` (pre_caption form) for this row, or None."""
         rng = np.random.default_rng(_sample_seed(self.seed + 2, self.epoch, row))  # resume-stable
-        if self.swaps is None:
-            return None
         draw, aug = rng.random(), self.text_augment
         if draw < aug.swap_negative:
             return self.swaps.negative(text, rng)
         if draw < aug.swap_negative + aug.exchange_negative:
             return self.swaps.exchange(text, rng)
+        if draw < aug.swap_negative + aug.exchange_negative + aug.corpus_negative:
+            return self._corpus_text(row, rng)
+        return None
+
+    def _corpus_text(self, row: int, rng: np.random.Generator) -> str | None:
+        """A text of another image: from the negative pool, else a caption of another image here."""
+        if self.pool is not None:
+            return pre_caption(self.pool[int(rng.integers(len(self.pool)))], self.text.max_words)
+        ids = self.pairs.image_id
+        for _ in range(8):  # one image's captions are a tiny share of a corpus: a miss is rare
+            other = int(rng.integers(len(ids)))
+            if ids[other] != ids[row]:
+                return pre_caption(self.pairs.caption[other], self.text.max_words)
         return None
 
     def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:
         images = torch.stack([self._image(int(r), reader) for r in rows])  # (B, 3, H, W)
         texts = [pre_caption(self._caption(int(r)), self.text.max_words) for r in rows]
         image_ids = torch.from_numpy(self.pairs.image_id[rows])
-        if self.swaps is None:
+        if not self.negatives:
             ids, mask = encode_texts(self.tokenizer, [self.prompt + t for t in texts], self.text.max_tokens)
             return Batch(images, ids, mask, image_ids, self.prompt_length)
         negatives = [self._negative(int(r), t) for r, t in zip(rows, texts, strict=True)]

@@ -105,11 +105,52 @@ def plot_bars(metrics: list[str], series: dict[str, list[float]], title: str) ->
 
 
 def plot_rounds(table: pd.DataFrame) -> bytes:
+    """Two panels: each round's scores (metrics on a 0-1 scale; CIDEr, which is not, in the title),
+    and every later round's change against round 1 per metric, labelled — the differences are a
+    few hundredths, invisible on bars of height ~0.9."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rounds = [c for c in table.columns if c.startswith("round")]
     labels = {"round1": "round 1 (noisy web)", "round2": "round 2 (bootstrapped)"}
-    series = {labels.get(r, f"round {r[5:]}"): table[r].tolist() for r in rounds}
-    title = "test set: " + " vs ".join(f"round {r[5:]}" for r in rounds)
-    return plot_bars(table["metric"].tolist(), series, title)
+    names = [labels.get(r, f"round {r[5:]}") for r in rounds]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    unit = table[(table[rounds].abs() <= 1.0).all(axis=1)]
+    wide = table[~table.index.isin(unit.index)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(unit))
+    width = 0.8 / max(1, len(rounds))
+    for i, (r, name) in enumerate(zip(rounds, names, strict=True)):
+        left.bar(x + (i - (len(rounds) - 1) / 2) * width, unit[r], width, label=name, color=colours[i % len(colours)])
+    left.set_xticks(x, unit["metric"].tolist(), rotation=30, ha="right")
+    left.set_ylim(0, 1.05)
+    extra = "; ".join(f"{m}: " + " → ".join(f"{v:.3f}" for v in row) for m, row in
+                      zip(wide["metric"], wide[rounds].to_numpy(), strict=True))
+    left.set_title("test set" + (f" ({extra})" if extra else ""), fontsize=10)
+    later = rounds[1:]
+    y = np.arange(len(table))
+    height = 0.8 / max(1, len(later))
+    for i, r in enumerate(later):
+        delta = (table[r] - table["round1"]).to_numpy(dtype=float)
+        pos = y + (i - (len(later) - 1) / 2) * height
+        right.barh(pos, delta, height, color=colours[(i + 1) % len(colours)], label=names[i + 1])
+        for p, d in zip(pos, delta, strict=True):
+            right.annotate(f"{d:+.3f}", (d, p), xytext=(3 if d >= 0 else -3, 0), textcoords="offset points",
+                           ha="left" if d >= 0 else "right", va="center", fontsize=8)
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_yticks(y, table["metric"].tolist())
+    right.invert_yaxis()
+    span = float(np.nanmax(np.abs((table[later].to_numpy(dtype=float) - table[["round1"]].to_numpy(dtype=float)))))
+    right.set_xlim(-1.35 * span - 1e-9, 1.35 * span + 1e-9)
+    right.set_title("change against round 1 (right of 0: better)", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i % len(colours)]) for i in range(len(rounds))]
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def plot_ablation(table: pd.DataFrame) -> bytes:

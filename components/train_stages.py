@@ -103,6 +103,7 @@ class StageInputs:
     text_augment: TextAugmentConfig = TextAugmentConfig()
     prompt: str = ""
     init: Path | None = None  # an exported BlipPretrain directory; None = random init
+    negative_manifests: tuple[str, ...] = ()  # corpus-negative texts; () = the stage's own captions
 
 
 def model_config(params: Params, tokenizer: Any) -> BlipConfig:
@@ -166,13 +167,19 @@ def train_stage(params: Params, inputs: StageInputs, log_metrics: LogMetrics | N
     _check_batch(params, config, inputs.task)
     info = rank_info()
     pairs = load_pairs(inputs.manifests)
+    pool = None
+    if inputs.text_augment.corpus_negative > 0 and inputs.negative_manifests:
+        pool = load_pairs(inputs.negative_manifests).caption
+        log.info("%s: %d corpus texts for ITM negatives", inputs.task, len(pool))
     data = ManifestBatches(pairs, tokenizer, inputs.text, inputs.augment, config.vision.image_size,
                            params.train.micro_batch, info.rank, info.world_size, params.train.seed,
                            params.train.shuffle_buffer, params.train.num_workers, inputs.prompt,
-                           inputs.text_augment)
+                           inputs.text_augment, pool)
     log.info("%s: %d training pairs, %d images, %d batches per epoch per rank", inputs.task,
              len(pairs), int(pairs.image_id.max()) + 1, data.batches_per_epoch())
     sources = [Path(m) for m in inputs.manifests] + [inputs.tokenizer_dir / TOKENIZER_FILE]
+    if pool is not None:
+        sources += [Path(m) for m in inputs.negative_manifests]
     if inputs.init is not None:
         sources.append(inputs.init / "model.safetensors")
     extra = json.dumps({"task": inputs.task, "model": to_dict(config), "text": inputs.text.model_dump(),
@@ -223,5 +230,6 @@ def run_finetune(params: Params, task: str, round_: int,
         resume_dir=Path(cfg.resume_dir) / f"finetune{round_}-{task}", schedule=tune.schedule,
         text=tune.text, augment=tune.augment, init=init,
         alpha_ramp_steps=getattr(tune, "alpha_ramp_steps", 0), prompt=getattr(tune, "prompt", ""),
-        text_augment=getattr(tune, "text_augment", TextAugmentConfig())),
+        text_augment=getattr(tune, "text_augment", TextAugmentConfig()),
+        negative_manifests=tuple(getattr(tune, "negative_manifests", ()))),
         log_metrics)

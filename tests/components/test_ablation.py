@@ -199,6 +199,14 @@ def test_extra_rounds_become_report_columns(tmp_path):
     assert report.plot_rounds(table)[:4] == b"\x89PNG"
 
 
+def test_rounds_plot_survives_equal_rounds_and_a_metric_above_one():
+    import pandas as pd
+
+    table = pd.DataFrame({"metric": ["attribute_accuracy", "cider"], "round1": [0.9, 4.7],
+                          "round2": [0.9, 4.7], "gain": [0.0, 0.0]})  # no change: a zero-width axis
+    assert report.plot_rounds(table)[:4] == b"\x89PNG"
+
+
 def test_dvc_yaml_params_and_stage_table_agree():
     import yaml
 

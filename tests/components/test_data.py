@@ -209,6 +209,48 @@ def test_swap_and_exchange_share_one_draw(corpus):
     assert all(b == s for s, b in zip(swaps, both, strict=True) if s is not None)  # a row's swap is unchanged
 
 
+def _corpus_source(pairs, tok, share, pool=None, seed=0):
+    return ManifestBatches(pairs, tok, TextInput(max_tokens=24), AugmentConfig(), 32, 8, seed=seed,
+                           shuffle_buffer=16, text_augment=TextAugmentConfig(corpus_negative=share),
+                           negative_pool=pool)
+
+
+def test_corpus_negatives_come_from_the_pool_and_are_seeded(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    pool = ["DSCN0042.jpg", "product image 3 of 6", "Stock photo of a Red Ring for sale"]
+    decoded = {tok.decode(tok.encode(pre_caption(t, 30)).ids) for t in pool}
+    batches = _all(_corpus_source(pairs, tok, 1.0, pool))
+    again = _all(_corpus_source(pairs, tok, 1.0, pool))
+    assert all(torch.equal(a.negative_ids, b.negative_ids) for a, b in zip(batches, again))  # seeded
+    drawn = []
+    for b in batches:
+        assert bool(b.has_negative.all())  # every caption brings one at share 1
+        drawn += [tok.decode(b.negative_ids[r][b.negative_mask[r].bool()].tolist()) for r in range(len(b.has_negative))]
+    assert set(drawn) == decoded  # pool texts only (in pre_caption form), each of them drawn
+    half = [int(b.has_negative.sum()) for b in _all(_corpus_source(pairs, tok, 0.5, pool))]
+    assert 0.25 * len(pairs) < sum(half) < 0.75 * len(pairs)
+    with pytest.raises(CapfiltError, match="corpus_negative needs texts"):
+        _corpus_source(pairs, tok, 0.5, [])
+    with pytest.raises(ValueError, match="corpus_negative is 1.2"):
+        TextAugmentConfig(exchange_negative=0.5, corpus_negative=0.7)
+
+
+def test_corpus_negatives_without_a_pool_are_captions_of_other_images(corpus):
+    pairs, tok = load_pairs([corpus[0]]), corpus[3]
+    source = _corpus_source(pairs, tok, 1.0)
+    texts = [pre_caption(c, 30) for c in pairs.caption]
+    by_text: dict[str, set[int]] = {}
+    for t, i in zip(texts, pairs.image_id):
+        by_text.setdefault(t, set()).add(int(i))
+    seen = 0
+    for row, text in enumerate(texts):
+        negative = source._negative(row, text)
+        if negative is not None:
+            seen += 1
+            assert by_text[negative] - {int(pairs.image_id[row])}  # a caption some other image has
+    assert seen > 0.9 * len(texts)
+
+
 def test_a_swap_the_token_limit_cuts_off_is_no_negative(corpus):
     pairs, tok = load_pairs([corpus[0]]), corpus[3]
     short = ManifestBatches(pairs, tok, TextInput(max_tokens=4), AugmentConfig(), 32, 8, seed=0,

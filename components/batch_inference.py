@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -153,13 +154,80 @@ def tokenize(tokenizer: Any, texts: Sequence[str], text: TextInput, dev: torch.d
 def score_texts(filt: Loaded, image: torch.Tensor, texts: list[str], image_index: torch.Tensor,
                 text_cfg: TextInput) -> tuple[list[float], list[float]]:
     """ITM p(match) and ITC cosine of each text against its image; image (B, 3, H, W) encoded once."""
+    itm, itc, _ = text_scores(filt, image, texts, image_index, text_cfg)
+    return itm, itc
+
+
+PRIOR_BANK = 64  # reference images a text prior is measured against (at most; fewer in a smaller corpus)
+
+
+@dataclass(frozen=True)
+class PriorBank:
+    """Reference images for text priors (`BootstrapConfig.prior_images`): a seeded sample of a
+    corpus's images, encoded once. Each text is matched against `k` of them, picked from its
+    image's key alone (never its own image), so its prior does not depend on the batch, the shard
+    or the rank it was scored in."""
+
+    embeds: Tensor  # (R, 1+N, Dv) image embeddings from the filter's `encode_image`
+    keys: tuple[str, ...]  # (R,) image identities (`image_identity`)
+    k: int
+    seed: int
+
+    def choice(self, keys: Sequence[str]) -> Tensor:
+        """(M, k) long: bank rows for each text's image key."""
+        rows = []
+        for key in keys:
+            order = np.random.default_rng(image_seed(self.seed, "prior", key)).permutation(len(self.keys))
+            rows.append([int(r) for r in order if self.keys[r] != key][: self.k])
+        return torch.tensor(rows, dtype=torch.long)
+
+
+def image_identity(root: Path | str, image_key: str) -> str:
+    """One string per image across manifests: the manifest folder and the image key."""
+    return f"{Path(root).resolve()}::{image_key}"
+
+
+def prior_bank(filt: Loaded, root: Path, rows: Any, k: int, seed: int, dev: torch.device,
+               size: int = PRIOR_BANK) -> PriorBank:
+    """Encode `size` images drawn (seeded) from the distinct images of `rows` (a manifest frame
+    with image_key, shard, member; shard paths relative to `root`); run under inference mode."""
+    firsts = rows.drop_duplicates("image_key").sort_values("image_key", kind="stable")
+    if len(firsts) < k + 1:
+        raise CapfiltError(f"{root}: {len(firsts)} images; a text prior over {k} other images needs at least "
+                           f"{k + 1} (lower bootstrap.prior_images)")
+    pick = np.sort(np.random.default_rng(seed).choice(len(firsts), size=min(size, len(firsts)), replace=False))
+    chosen = firsts.iloc[pick]
+    images = Images(root)
+    try:
+        pil = images.load(chosen["shard"].tolist(), chosen["member"].tolist())
+        embeds = filt.model.encode_image(images.tensor(pil, filt.image_size, dev))
+    finally:
+        images.close()
+    return PriorBank(embeds, tuple(image_identity(root, key) for key in chosen["image_key"]), k, seed)
+
+
+def text_scores(filt: Loaded, image: torch.Tensor, texts: list[str], image_index: torch.Tensor,
+                text_cfg: TextInput, bank: PriorBank | None = None,
+                keys: Sequence[str] | None = None) -> tuple[list[float], list[float], list[float]]:
+    """`score_texts` plus each text's prior: its mean ITM log-odds against `bank.k` reference
+    images of `bank` that are not its own (`keys`: each text's `image_identity`), how well it
+    matches images in general; NaN without a bank."""
     model, dev = filt.model, image.device
     embeds = model.encode_image(image)  # (B, 1+N, Dv)
     ids, mask = tokenize(filt.tokenizer, texts, text_cfg, dev)  # (M, T)
     index = image_index.to(dev)
     itm = model.itm_scores(embeds, ids, mask, index)  # (M,)
     cos = (model.image_features(embeds)[index] * model.text_features(ids, mask)).sum(-1)  # (M,)
-    return itm.float().clamp(0, 1).cpu().tolist(), cos.float().cpu().tolist()
+    prior = torch.full((len(texts),), float("nan"))
+    if bank is not None and texts:
+        if keys is None or len(keys) != len(texts):
+            raise ValueError("text priors need one image key per text")
+        k, m = bank.k, len(texts)
+        other = (embeds.shape[0] + bank.choice(keys).to(dev)).T.reshape(-1)  # (k * M,) into [embeds; bank]
+        both = torch.cat([embeds, bank.embeds.to(embeds.dtype)])
+        logits = model.itm_logits(both, ids.repeat(k, 1), mask.repeat(k, 1), other).float()  # (k * M, 2)
+        prior = (logits[:, 1] - logits[:, 0]).view(k, m).mean(0).cpu()  # log-odds of a match
+    return itm.float().clamp(0, 1).cpu().tolist(), cos.float().cpu().tolist(), prior.tolist()
 
 
 def prompt_ids(captioner: Loaded, prompt: str, batch: int, dev: torch.device) -> Tensor:

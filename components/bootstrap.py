@@ -31,15 +31,16 @@ from components import bootstrap_merge
 from components.config import BootstrapConfig, ValidationConfig
 from components.distributed import RankInfo, rank_info
 from components.errors import CapfiltError
-from components.batch_inference import (Images, Loaded, autocast, caption, device,
-                                        generation_config, image_seed, load_captioner, load_filter,
-                                        score_texts)
+from components.batch_inference import (Images, Loaded, PriorBank, autocast, caption, device,
+                                        generation_config, image_identity, image_seed, load_captioner,
+                                        load_filter, prior_bank, text_scores)
 from components.schemas import read_manifest
 from models.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
 
-PART_COLUMNS = ("kind", "sample_id", "image_key", "caption", "shard", "member", "k", "itm_score", "itc_score")
+PART_COLUMNS = ("kind", "sample_id", "image_key", "caption", "shard", "member", "k", "itm_score", "itc_score",
+                "itm_prior")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Models:
     generation: GenerationConfig
     device: torch.device
     precision: str = "auto"  # see `batch_inference.autocast`
+    bank: PriorBank | None = None  # reference images for text priors (`prior_images` > 0)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def _file_sha(path: Path) -> str:
 def fingerprint(cfg: BootstrapConfig, models: Models) -> str:
     """What a part depends on: checkpoints, web manifest, caption and text settings, seed."""
     keys = ("captions_per_image", "decoding", "top_p", "repetition_penalty", "num_beams",
-            "max_new_tokens", "min_new_tokens", "prompt", "seed", "precision")
+            "max_new_tokens", "min_new_tokens", "prompt", "seed", "precision", "prior_images")
     payload = {k: getattr(cfg, k) for k in keys}
     payload.update(text=cfg.text.model_dump(), captioner=models.captioner.digest,
                    filter=models.filter.digest, web=_file_sha(Path(cfg.web_manifest)))
@@ -105,7 +107,12 @@ def load_models(cfg: BootstrapConfig, dev: torch.device | None = None) -> Models
     gen = generation_config(captioner, cfg.decoding, cfg.captions_per_image, num_beams=cfg.num_beams,
                             top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
-    return Models(captioner, filt, gen, dev, cfg.precision)
+    bank = None
+    if cfg.prior_images > 0:  # the web corpus's own images: the ones its texts might be confused with
+        web = read_manifest(Path(cfg.web_manifest), "ingested")
+        with torch.inference_mode(), autocast(dev, cfg.precision):
+            bank = prior_bank(filt, Path(cfg.web_manifest).parent, web, cfg.prior_images, cfg.seed, dev)
+    return Models(captioner, filt, gen, dev, cfg.precision, bank)
 
 
 def part_path(parts_dir: Path, shard: str) -> Path:
@@ -130,16 +137,19 @@ def _batch_rows(batch: pd.DataFrame, shard: str, cfg: BootstrapConfig, models: M
         web_index = [position[m] for m in batch["member"]]
         texts = batch["caption"].tolist() + synthetic
         index = torch.tensor(web_index + [i // k for i in range(len(synthetic))], dtype=torch.long)
-        itm, itc = score_texts(models.filter, filt_in, texts, index, cfg.text)
+        root = Path(cfg.web_manifest).parent
+        keys = [image_identity(root, key) for key in batch["image_key"]] + \
+            [image_identity(root, key) for key in firsts["image_key"] for _ in range(k)]
+        itm, itc, prior = text_scores(models.filter, filt_in, texts, index, cfg.text, models.bank, keys)
     rows = [dict(kind="web", sample_id=r.sample_id, image_key=r.image_key, caption=r.caption,
-                 shard=shard, member=r.member, k=-1, itm_score=itm[j], itc_score=itc[j])
+                 shard=shard, member=r.member, k=-1, itm_score=itm[j], itc_score=itc[j], itm_prior=prior[j])
             for j, r in enumerate(batch.itertuples(index=False))]
     n_web = len(batch)
     for j, text in enumerate(synthetic):
         img = firsts.iloc[j // k]
         rows.append(dict(kind="synthetic", sample_id=f"{img.image_key}#syn{j % k}", image_key=img.image_key,
                          caption=text, shard=shard, member=img.member, k=j % k,
-                         itm_score=itm[n_web + j], itc_score=itc[n_web + j]))
+                         itm_score=itm[n_web + j], itc_score=itc[n_web + j], itm_prior=prior[n_web + j]))
     return rows
 
 

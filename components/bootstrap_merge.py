@@ -1,7 +1,9 @@
 """Rank 0's half of the bootstrap stage: thresholds, the bootstrapped manifest, removed texts, metrics.
 
 The scored parts of every web shard come in. Each text's filter score is its ITM p(match)
-(`signal: itm`) or its ITM log-odds plus ITC logit (`signal: itm_itc`); the threshold is either
+(`signal: itm`) or its ITM log-odds plus ITC logit (`signal: itm_itc`), the ITM part optionally
+corrected by the text's prior (`prior_images`: its mean log-odds against other images, relative
+to the median of held-out human pairs, times `prior_weight`); the threshold is either
 `itm_threshold` or, with `threshold: calibrated`, the score that keeps `calibration_keep` of
 held-out human pairs:
 the human manifest's `val` rows when it has some, else a fixed sample (seeded by `seed`) of
@@ -35,7 +37,7 @@ from components.config import BootstrapConfig, ValidationConfig
 from components import atomic
 from components.errors import CapfiltError
 from components.expectations import require, run_expectations
-from components.batch_inference import Images, autocast, score_texts
+from components.batch_inference import Images, autocast, image_identity, text_scores
 from components.schemas import read_manifest, validate, write_manifest
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ REMOVED_COLUMNS = ("sample_id", "image_key", "source", "caption", "shard", "memb
 REMOVAL_REASONS = ("itm_below_threshold", "score_below_threshold", "itc_below_threshold", "empty_caption",
                    "duplicate")
 SCORE_COLUMNS = ("kind", "sample_id", "image_key", "caption", "shard", "member", "k", "itm_score", "itc_score",
-                 "filter_score", "reason")
+                 "itm_prior", "filter_score", "reason")
 _P_CLIP = 1e-6  # p(match) is clipped to [1e-6, 1 - 1e-6] before its log-odds are taken
 
 
@@ -86,22 +88,34 @@ def filter_temperature(models: Models) -> float:
     return float(models.filter.model.temp.detach().float().clamp(min=1e-3))
 
 
-def filter_scores(itm: np.ndarray, itc: np.ndarray, signal: str, temp: float) -> np.ndarray:
-    """The score a text is kept by: p(match) (`itm`), or log-odds + cosine / temp (`itm_itc`)."""
+def filter_scores(itm: np.ndarray, itc: np.ndarray, signal: str, temp: float, prior: np.ndarray | None = None,
+                  weight: float = 0.0, reference: float = 0.0) -> np.ndarray:
+    """The score a text is kept by: p(match) (`itm`), or log-odds + cosine / temp (`itm_itc`).
+    With a prior (mean ITM log-odds against other images; `BootstrapConfig.prior_images`) and a
+    weight, the log-odds first lose weight × (prior − reference); a text without one (NaN) keeps its own."""
     itm = np.asarray(itm, dtype=np.float64)
-    if signal == "itm":
+    if signal not in ("itm", "itm_itc"):
+        raise ValueError(f"unknown filter signal {signal!r} (itm | itm_itc)")
+    corrected = prior is not None and weight > 0
+    if signal == "itm" and not corrected:
         return itm
-    if signal == "itm_itc":
-        p = np.clip(itm, _P_CLIP, 1.0 - _P_CLIP)
-        return np.log(p) - np.log1p(-p) + np.asarray(itc, dtype=np.float64) / temp
-    raise ValueError(f"unknown filter signal {signal!r} (itm | itm_itc)")
+    p = np.clip(itm, _P_CLIP, 1.0 - _P_CLIP)
+    logodds = np.log(p) - np.log1p(-p)
+    if corrected:
+        logodds = logodds - weight * np.nan_to_num(np.asarray(prior, dtype=np.float64) - reference, nan=0.0)
+    if signal == "itm":
+        return 1.0 / (1.0 + np.exp(-logodds))
+    return logodds + np.asarray(itc, dtype=np.float64) / temp
 
 
-def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapConfig) -> np.ndarray:
-    """Filter scores (`cfg.signal`) of manifest rows against their own images (batches of images)."""
+def pair_scores(pairs: pd.DataFrame, root: Path, models: Models,
+                cfg: BootstrapConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ITM p(match), ITC cosine and prior (NaN without the models' prior bank) of manifest rows
+    against their own images, in batches of `batch_size` rows."""
     images = Images(root)
     itm_all: list[float] = []
     itc_all: list[float] = []
+    prior_all: list[float] = []
     try:
         for start in range(0, len(pairs), cfg.batch_size):
             chunk = pairs.iloc[start : start + cfg.batch_size]
@@ -110,14 +124,29 @@ def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapC
             pil = images.load([s for s, _ in unique], [m for _, m in unique])
             where = {key: i for i, key in enumerate(unique)}
             index = torch.tensor([where[key] for key in keys], dtype=torch.long)
+            ids = [image_identity(root, key) for key in chunk["image_key"]]
             with torch.inference_mode(), autocast(models.device, models.precision):
                 tensor = images.tensor(pil, models.filter.image_size, models.device)
-                itm, itc = score_texts(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text)
+                itm, itc, prior = text_scores(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text,
+                                              models.bank, ids)
             itm_all += itm
             itc_all += itc
+            prior_all += prior
     finally:
         images.close()
-    return filter_scores(np.asarray(itm_all), np.asarray(itc_all), cfg.signal, filter_temperature(models))
+    return np.asarray(itm_all), np.asarray(itc_all), np.asarray(prior_all, dtype=np.float64)
+
+
+def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapConfig,
+                reference: float = 0.0) -> np.ndarray:
+    """Filter scores (`cfg.signal`, prior-corrected against `reference` with `prior_images`) of
+    manifest rows against their own images."""
+    itm, itc, prior = pair_scores(pairs, root, models, cfg)
+    return filter_scores(itm, itc, cfg.signal, filter_temperature(models), prior, _weight(cfg), reference)
+
+
+def _weight(cfg: BootstrapConfig) -> float:
+    return cfg.prior_weight if cfg.prior_images > 0 else 0.0
 
 
 def keep_threshold(scores: np.ndarray, keep: float) -> float:
@@ -127,27 +156,52 @@ def keep_threshold(scores: np.ndarray, keep: float) -> float:
     return float(ordered[index])
 
 
-def resolve_threshold(cfg: BootstrapConfig, human: pd.DataFrame, models: Models) -> tuple[float, dict[str, Any]]:
-    """The threshold on the filter score and how it was chosen."""
-    if cfg.threshold == "fixed":
+def resolve_threshold(cfg: BootstrapConfig, human: pd.DataFrame,
+                      models: Models) -> tuple[float, dict[str, Any]]:
+    """The threshold on the filter score and how it was chosen; with `prior_images`, also the
+    prior reference (`prior_reference`: the median prior of the held-out human pairs)."""
+    if cfg.threshold == "fixed" and cfg.prior_images == 0:
         return cfg.itm_threshold, {"mode": "fixed"}
     pairs, source = calibration_pairs(human, cfg)
-    scores = score_pairs(pairs, Path(cfg.human_manifest).parent, models, cfg)
+    itm, itc, prior = pair_scores(pairs, Path(cfg.human_manifest).parent, models, cfg)
+    info: dict[str, Any] = {}
+    reference = 0.0
+    if cfg.prior_images > 0:
+        finite = prior[np.isfinite(prior)]
+        if not len(finite):
+            raise CapfiltError("bootstrap.prior_images: the filter gave no finite prior on the human pairs; "
+                               "load the models with bootstrap.load_models (it builds the reference images)")
+        reference = float(np.median(finite))
+        info = {"prior_reference": reference, "prior_pairs": source, "prior_images": cfg.prior_images,
+                "prior_weight": cfg.prior_weight}
+        log.info("text prior: median ITM log-odds %.3f of %d human pairs against %d other images each (%s)",
+                 reference, len(finite), cfg.prior_images, source)
+    if cfg.threshold == "fixed":
+        return cfg.itm_threshold, {"mode": "fixed", **info}
+    scores = filter_scores(itm, itc, cfg.signal, filter_temperature(models), prior, _weight(cfg), reference)
     threshold = keep_threshold(scores, cfg.calibration_keep)
     log.info("calibrated %s threshold %.4f keeps %.1f%% of %d human pairs (%s)", cfg.signal, threshold,
              100 * float((scores >= threshold).mean()), len(scores), source)
     return threshold, {"mode": "calibrated", "pairs": source, "n": int(len(scores)),
-                       "keep": cfg.calibration_keep, "human_kept": float((scores >= threshold).mean())}
+                       "keep": cfg.calibration_keep, "human_kept": float((scores >= threshold).mean()), **info}
 
 
 def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, signal: str = "itm",
-           temp: float = 1.0) -> pd.DataFrame:
-    """`parts` plus `filter_score` (see `filter_scores`) and `reason`: empty when kept, else one
-    of REMOVAL_REASONS."""
+           temp: float = 1.0, weight: float = 0.0, reference: float = 0.0,
+           synthetic_threshold: float | None = None) -> pd.DataFrame:
+    """`parts` plus `filter_score` (see `filter_scores`; prior-corrected with `weight` > 0 from the
+    `itm_prior` column) and `reason`: empty when kept, else one of REMOVAL_REASONS. Synthetic
+    captions face `synthetic_threshold` instead of `threshold` when it is given."""
     out = parts.copy()
-    out["filter_score"] = filter_scores(out["itm_score"].to_numpy(), out["itc_score"].to_numpy(), signal, temp)
+    if "itm_prior" not in out:
+        out["itm_prior"] = np.nan
+    out["filter_score"] = filter_scores(out["itm_score"].to_numpy(), out["itc_score"].to_numpy(), signal, temp,
+                                        out["itm_prior"].to_numpy(dtype=float), weight, reference)
     below = "itm_below_threshold" if signal == "itm" else "score_below_threshold"
-    reason = np.where(out["filter_score"].to_numpy() < threshold, below, "")
+    bar = np.full(len(out), threshold, dtype=np.float64)
+    if synthetic_threshold is not None:
+        bar[(out["kind"] == "synthetic").to_numpy()] = synthetic_threshold
+    reason = np.where(out["filter_score"].to_numpy() < bar, below, "")
     if itc_threshold is not None:
         reason = np.where((reason == "") & (out["itc_score"].to_numpy() < itc_threshold),
                           "itc_below_threshold", reason)
@@ -227,7 +281,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, calibration: dict[str, Any],
              provenance: dict[str, str], decoding: str, images_per_s: float | None,
-             signal: str = "itm", temp: float | None = None) -> dict[str, Any]:
+             signal: str = "itm", temp: float | None = None,
+             synthetic_threshold: float | None = None) -> dict[str, Any]:
     web = decided[decided["kind"] == "web"]
     syn = decided[decided["kind"] == "synthetic"]
     web_kept, syn_kept = int((web["reason"] == "").sum()), int((syn["reason"] == "").sum())
@@ -241,6 +296,7 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
         "removed_by_reason": {str(k): int(v) for k, v in removed["reason"].value_counts().sort_index().items()},
         "signal": signal, "score_threshold": threshold, "itc_temperature": temp,
         "itm_threshold": threshold if signal == "itm" else None, "threshold": calibration,
+        "synthetic_threshold": synthetic_threshold,
         "images": int(web["image_key"].nunique()), "images_per_s": images_per_s,
         "decoding": decoding, **provenance,
     }
@@ -257,7 +313,8 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
     human = read_manifest(Path(cfg.human_manifest), "ingested")
     threshold, calibration = resolve_threshold(cfg, human, models)
     temp = filter_temperature(models)
-    decided = decide(parts, threshold, cfg.itc_threshold, cfg.signal, temp)
+    decided = decide(parts, threshold, cfg.itc_threshold, cfg.signal, temp, _weight(cfg),
+                     calibration.get("prior_reference", 0.0), cfg.synthetic_threshold)
     provenance = {"captioner": models.captioner.digest, "filter": models.filter.digest}
     manifest, removed = build_tables(web, human, decided, provenance, decoding)
     manifest = validate(manifest, "bootstrapped", where=str(out / "manifest.parquet"))
@@ -271,7 +328,7 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
     scores = decided[list(SCORE_COLUMNS)].reset_index(drop=True)
     atomic.write_with(out / "scores.parquet", lambda tmp: scores.to_parquet(tmp, index=False))
     metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s,
-                       cfg.signal, temp)
+                       cfg.signal, temp, cfg.synthetic_threshold)
     write_json(out / "metrics.json", metrics)
     log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (%s threshold %.3f); %d pairs",
              metrics["web_kept"], metrics["web_texts"], metrics["synthetic_kept"],

@@ -367,7 +367,8 @@ class BootstrapConfig(Section):
     ranks by. `threshold: fixed` keeps a text when p(match) >= itm_threshold (`itm` only: the sum
     is not a probability); `calibrated` keeps it when its score clears the one that keeps
     `calibration_keep` of held-out human pairs (the human `val` rows, else a fixed seeded sample
-    of `calibration_samples` human training pairs)."""
+    of `calibration_samples` human training pairs). With `prior_images` > 0 either signal's ITM
+    part is the text-prior-corrected one (below)."""
 
     web_manifest: str = "outputs/ingest/web/manifest.parquet"
     human_manifest: str = "outputs/ingest/human/manifest.parquet"
@@ -388,6 +389,17 @@ class BootstrapConfig(Section):
     calibration_keep: float = Field(0.95, gt=0, le=1)  # calibrated: held-out human pairs kept
     calibration_samples: int = Field(1000, ge=1)  # human pairs scored when there is no val split
     itc_threshold: float | None = Field(None, ge=-1, le=1)  # optional: also need cosine >= this
+    # Text-prior correction (our addition): each text is also matched against `prior_images`
+    # reference images (a seeded sample of 64 web images, never its own, picked by its image); its
+    # mean ITM log-odds there (its prior: how well it matches images in general) is subtracted,
+    # times `prior_weight`, from its log-odds with its own image, relative to the median prior of
+    # the held-out human pairs: a text as specific as a human caption keeps its score, one that
+    # matches anything (boilerplate, file names) loses it. 0 = off (BLIP's filter).
+    prior_images: int = Field(0, ge=0, le=64)
+    prior_weight: float = Field(0.5, ge=0, le=1)
+    # A stricter bar for synthetic captions only (`signal: itm`: a filter score, prior-corrected
+    # when on); null = the same threshold as the web texts (BLIP).
+    synthetic_threshold: float | None = Field(None, ge=0, le=1)
     batch_size: int = Field(64, ge=1)  # images per forward
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     seed: int = 0  # sampling seed; each image draws from (seed, shard, member)
@@ -399,6 +411,9 @@ class BootstrapConfig(Section):
 
     @model_validator(mode="after")
     def _threshold_fits_signal(self) -> BootstrapConfig:
+        if self.synthetic_threshold is not None and self.signal != "itm":
+            raise ValueError(f"synthetic_threshold is a p(match) bar, and signal {self.signal!r} scores are not "
+                             "probabilities; leave it null (or signal: itm)")
         if self.signal != "itm" and self.threshold == "fixed":
             raise ValueError(f"signal {self.signal!r} scores are not probabilities, so a fixed itm_threshold "
                              "cannot apply to them; set threshold: calibrated (or signal: itm)")

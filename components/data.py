@@ -253,14 +253,16 @@ class ManifestBatches(IterableDataset):
         return None
 
     def _corpus_text(self, row: int, rng: np.random.Generator) -> str | None:
-        """A text of another image: from the negative pool, else a caption of another image here."""
+        """A text of another image: from the negative pool as it is, else another image's caption
+        here as that row's positive reads (cut like it when `partial`: a negative no longer or
+        shorter than the positives, so length tells nothing)."""
         if self.pool is not None:
             return pre_caption(self.pool[int(rng.integers(len(self.pool)))], self.text.max_words)
         ids = self.pairs.image_id
         for _ in range(8):  # one image's captions are a tiny share of a corpus: a miss is rare
             other = int(rng.integers(len(ids)))
             if ids[other] != ids[row]:
-                return pre_caption(self.pairs.caption[other], self.text.max_words)
+                return pre_caption(self._caption(other), self.text.max_words)
         return None
 
     def _collate(self, rows: np.ndarray, reader: ShardReader) -> Batch:

@@ -326,14 +326,16 @@ def filter_settings(root: Path) -> dict[str, Any]:
     try:
         summary = json.loads((root / "metrics.json").read_text())
     except (OSError, ValueError):
-        return {"signal": None, "score_threshold": None, "itm_threshold": None, "itc_temperature": None}
+        return {"signal": None, "score_threshold": None, "itm_threshold": None, "itc_temperature": None,
+                "prior_images": 0}
     signal = summary.get("signal", "itm")
     itm = summary.get("itm_threshold")
     score = summary.get("score_threshold", itm)
     temp = summary.get("itc_temperature")
+    prior = (summary.get("threshold") or {}).get("prior_images") or 0
     return {"signal": signal, "score_threshold": None if score is None else float(score),
             "itm_threshold": None if itm is None else float(itm),
-            "itc_temperature": None if temp is None else float(temp)}
+            "itc_temperature": None if temp is None else float(temp), "prior_images": int(prior)}
 
 
 def filter_metrics(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None,

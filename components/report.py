@@ -237,7 +237,8 @@ def decoding_table(decoding: dict[str, Any]) -> pd.DataFrame:
 
 
 def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
-    rows = [(k, f[k]) for k in ("signal", "auroc", "auroc_itm", "auroc_itc", "auroc_itm_itc", "score_threshold",
+    rows = [(k, f[k]) for k in ("signal", "prior_images", "auroc", "auroc_itm", "auroc_itc", "auroc_itm_itc",
+                                "score_threshold",
                                 "precision", "recall", "kept_fraction", "synthetic_kept_wrong_fraction",
                                 "synthetic_kept")
             if f.get(k) is not None]
@@ -288,7 +289,8 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
             signal = filt.get("signal") or "itm"
             hist = itm_histogram(web, "score", probability=signal == "itm")
             atomic.write_bytes(out / "plots" / "itm_hist.csv", hist.to_csv(index=False).encode())
-            pngs["itm_hist"] = plot_histogram(hist, filt.get("score_threshold"), SCORE_LABELS.get(signal, signal))
+            label = SCORE_LABELS.get(signal, signal) + (", text-prior corrected" if filt.get("prior_images") else "")
+            pngs["itm_hist"] = plot_histogram(hist, filt.get("score_threshold"), label)
         grid = grid_html(decisions, pick_grid(web, grid_images), bootstrap_root)
     for name, data in pngs.items():
         atomic.write_bytes(out / "plots" / f"{name}.png", data)

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from components import bootstrap, bootstrap_merge
-from components.batch_inference import Images, caption, checkpoint_hash, image_seed
+from components.batch_inference import Images, caption, checkpoint_hash, image_seed, tokenize
+from components.config import BootstrapConfig
 from components.distributed import RankInfo
 from components.errors import CapfiltError
 from components.schemas import read_manifest
@@ -153,6 +154,11 @@ def test_decide_threshold_semantics():
     assert got["reason"].tolist() == ["", "itm_below_threshold", "duplicate", "", "empty_caption", ""]
     got = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=0.0)
     assert got["reason"].tolist()[5] == "itc_below_threshold"
+    strict = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=None, synthetic_threshold=0.85)
+    assert strict["reason"].tolist() == ["", "itm_below_threshold", "duplicate", "itm_below_threshold",
+                                         "empty_caption", ""]  # a#syn1 (0.8) now fails; web rows as before
+    with pytest.raises(ValueError, match="synthetic_threshold is a p\\(match\\) bar"):
+        BootstrapConfig(signal="itm_itc", threshold="calibrated", synthetic_threshold=0.9)
 
 
 def test_itm_itc_scores_add_the_itm_log_odds_and_the_itc_logit():
@@ -164,6 +170,83 @@ def test_itm_itc_scores_add_the_itm_log_odds_and_the_itc_logit():
     assert np.isfinite(bootstrap_merge.filter_scores(np.array([0.0, 1.0]), np.zeros(2), "itm_itc", 0.1)).all()
     with pytest.raises(ValueError, match="itm | itm_itc"):
         bootstrap_merge.filter_scores(p, cos, "clip", 0.05)
+
+
+def test_the_text_prior_correction_of_the_filter_score():
+    p, cos = np.array([0.9, 0.9, 0.5, 0.2]), np.zeros(4)
+    prior = np.array([-7.0, -1.0, np.nan, -9.0])  # specific, generic (matches anything), none, very specific
+    np.testing.assert_array_equal(bootstrap_merge.filter_scores(p, cos, "itm", 0.05, prior, 0.0, -7.0), p)  # weight 0
+    got = bootstrap_merge.filter_scores(p, cos, "itm", 0.05, prior, 0.5, -7.0)
+    want = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 0.5 * np.nan_to_num(prior + 7.0))))
+    np.testing.assert_allclose(got, want)
+    assert got[0] == pytest.approx(0.9) and got[2] == pytest.approx(0.5)  # at the reference / no prior: unchanged
+    assert got[1] < 0.5 < 0.9 < got[0] + 1e-12 and got[3] > 0.2  # the generic text falls, the specific one rises
+    both = bootstrap_merge.filter_scores(p, cos + 0.1, "itm_itc", 0.05, prior, 1.0, -7.0)
+    np.testing.assert_allclose(both, np.log(p / (1 - p)) - np.nan_to_num(prior + 7.0) + 2.0)
+
+
+def test_text_priors_are_mean_log_odds_against_reference_images_not_their_own(world):
+    from components.batch_inference import image_identity, load_filter, prior_bank, text_scores
+    from components.config import TextInput
+
+    cpu = torch.device("cpu")
+    filt = load_filter(world.filter, cpu)
+    web = read_manifest(world.web, "ingested")
+    root = world.web.parent
+    rows = web.drop_duplicates("image_key").iloc[:3]
+    images = Images(root)
+    try:
+        tensor = images.tensor(images.load(rows["shard"].tolist(), rows["member"].tolist()), filt.image_size, cpu)
+    finally:
+        images.close()
+    texts, index, text = rows["caption"].tolist() * 2, torch.tensor([0, 1, 2] * 2), TextInput()
+    keys = [image_identity(root, k) for k in rows["image_key"]] * 2
+    with torch.inference_mode():
+        bank = prior_bank(filt, root, web, k=2, seed=0, dev=cpu)
+        assert len(bank.keys) == web["image_key"].nunique()  # a small corpus: every image
+        choice = bank.choice(keys)
+        assert choice.shape == (6, 2) and torch.equal(choice[:3], choice[3:])  # by image, not by row
+        assert all(bank.keys[int(c)] != key for row, key in zip(choice, keys) for c in row)  # never its own
+        itm, _, prior = text_scores(filt, tensor, texts, index, text, bank, keys)
+        plain, _, none = text_scores(filt, tensor, texts, index, text)
+        _, _, alone = text_scores(filt, tensor[:1], texts[:1], torch.tensor([0]), text, bank, keys[:1])
+        ids, mask = tokenize(filt.tokenizer, texts, text, cpu)
+        want = []
+        for j in range(2):
+            logits = filt.model.itm_logits(bank.embeds, ids, mask, choice[:, j])
+            want.append((logits[:, 1] - logits[:, 0]).numpy())
+    np.testing.assert_allclose(prior, np.mean(want, axis=0), rtol=1e-4, atol=1e-4)
+    assert prior[0] == pytest.approx(alone[0], abs=1e-4)  # the batch around a text does not matter
+    np.testing.assert_allclose(itm, plain)  # the own-image score is untouched
+    assert np.isnan(none).all()
+    with pytest.raises(CapfiltError, match="lower bootstrap.prior_images"):
+        prior_bank(filt, root, web.iloc[:2], k=2, seed=0, dev=cpu)
+
+
+def test_the_text_prior_end_to_end_and_across_ranks(world, tmp_path):
+    one = boot_cfg(world, tmp_path / "one", itm_threshold=SPLIT, prior_images=1, calibration_samples=8)
+    result = bootstrap.run(one, lenient_validation(), ONE)
+    scores = pd.read_parquet(tmp_path / "one" / "scores.parquet")
+    info = result.metrics["threshold"]
+    assert info["mode"] == "fixed" and info["prior_images"] == 1 and np.isfinite(info["prior_reference"])
+    assert np.isfinite(scores["itm_prior"]).all()
+    np.testing.assert_allclose(scores["filter_score"], bootstrap_merge.filter_scores(
+        scores["itm_score"].to_numpy(), scores["itc_score"].to_numpy(), "itm", 1.0, scores["itm_prior"].to_numpy(),
+        0.5, info["prior_reference"]))
+    assert (scores["filter_score"] != scores["itm_score"]).any()
+    kept = scores["reason"] == ""
+    assert (scores.loc[kept, "filter_score"] >= SPLIT).all()
+    assert (scores.loc[scores["reason"] == "itm_below_threshold", "filter_score"] < SPLIT).all()
+    manifest, removed = _tables(tmp_path / "one")
+    web = read_manifest(world.web, "ingested")
+    landed = pd.concat([manifest.loc[manifest["source"] == "web", "sample_id"], removed.loc[
+        removed["source"] == "web", "sample_id"]])
+    assert sorted(landed) == sorted(web["sample_id"])  # every web text in exactly one output
+    two = boot_cfg(world, tmp_path / "two", itm_threshold=SPLIT, prior_images=1, calibration_samples=8)
+    assert bootstrap.run(two, lenient_validation(), RankInfo(1, 2, 1)) is None
+    assert bootstrap.run(two, lenient_validation(), RankInfo(0, 2, 0)) is not None
+    for got, want in zip(_tables(tmp_path / "two"), _tables(tmp_path / "one"), strict=True):
+        pd.testing.assert_frame_equal(_sorted(got), _sorted(want))
 
 
 def test_decide_on_the_itm_itc_signal():

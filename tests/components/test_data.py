@@ -249,6 +249,16 @@ def test_corpus_negatives_without_a_pool_are_captions_of_other_images(corpus):
             seen += 1
             assert by_text[negative] - {int(pairs.image_id[row])}  # a caption some other image has
     assert seen > 0.9 * len(texts)
+    two = _two_objects(pairs)  # two clauses per caption: a cut one is shorter
+    cut = ManifestBatches(two, tok, TextInput(max_tokens=24), AugmentConfig(), 32, 8, seed=0, shuffle_buffer=16,
+                          text_augment=TextAugmentConfig(partial=1.0, word_drop=0.0, corpus_negative=1.0))
+    full = [pre_caption(c, 30) for c in two.caption]
+    words = [set(t.split()) for t in full]
+    negatives = [cut._negative(row, pre_caption(cut._caption(row), 30)) for row in range(len(full))]
+    for row, negative in enumerate(negatives):
+        if negative is not None:  # cut like the positives: part of some other image's caption
+            assert any(set(negative.split()) <= w and two.image_id[i] != two.image_id[row] for i, w in enumerate(words))
+    assert sum(n is not None and n not in full for n in negatives) > 0.3 * len(full)  # most of them cut
 
 
 def test_a_swap_the_token_limit_cuts_off_is_no_negative(corpus):

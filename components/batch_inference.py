@@ -174,10 +174,12 @@ class PriorBank:
     seed: int
 
     def choice(self, keys: Sequence[str]) -> Tensor:
-        """(M, k) long: bank rows for each text's image key."""
+        """(M, k) long: bank rows for each text's image (`image_identity`); the draw is seeded by
+        the image key alone, so the same corpus anywhere on disk picks the same images."""
         rows = []
         for key in keys:
-            order = np.random.default_rng(image_seed(self.seed, "prior", key)).permutation(len(self.keys))
+            name = key.split("::", 1)[-1]
+            order = np.random.default_rng(image_seed(self.seed, "prior", name)).permutation(len(self.keys))
             rows.append([int(r) for r in order if self.keys[r] != key][: self.k])
         return torch.tensor(rows, dtype=torch.long)
 
@@ -192,9 +194,9 @@ def prior_bank(filt: Loaded, root: Path, rows: Any, k: int, seed: int, dev: torc
     """Encode `size` images drawn (seeded) from the distinct images of `rows` (a manifest frame
     with image_key, shard, member; shard paths relative to `root`); run under inference mode."""
     firsts = rows.drop_duplicates("image_key").sort_values("image_key", kind="stable")
-    if len(firsts) < k + 1:
-        raise CapfiltError(f"{root}: {len(firsts)} images; a text prior over {k} other images needs at least "
-                           f"{k + 1} (lower bootstrap.prior_images)")
+    if min(size, len(firsts)) < k + 1:
+        raise CapfiltError(f"{root}: {min(size, len(firsts))} reference images; a text prior over {k} other "
+                           f"images needs at least {k + 1} (lower bootstrap.prior_images)")
     pick = np.sort(np.random.default_rng(seed).choice(len(firsts), size=min(size, len(firsts)), replace=False))
     chosen = firsts.iloc[pick]
     images = Images(root)

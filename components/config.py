@@ -137,8 +137,8 @@ class TextAugmentConfig(Section):
     # `swap_negative` the two shares are disjoint (their sum at most 1).
     exchange_negative: float = Field(0.0, ge=0, le=1)
     # Share of captions whose ITM negative is instead a text of another image drawn from a corpus:
-    # the filter's `negative_manifests` (e.g. the web corpus it is about to clean), else the stage's
-    # own captions. Texts that only ever met images in pre-training — alt-text boilerplate, file
+    # the filter's `negative_manifests`, else the stage's own captions (the web corpus as that
+    # corpus teaches the filter its phrasing, not its noise: README, "Corpus negatives"). Texts that only ever met images in pre-training — alt-text boilerplate, file
     # names — otherwise never appear as a mismatch in the fine-tune, and keep whatever p(match)
     # pre-training left them.
     corpus_negative: float = Field(0.0, ge=0, le=1)
@@ -395,10 +395,10 @@ class BootstrapConfig(Section):
     # times `prior_weight`, from its log-odds with its own image, relative to the median prior of
     # the held-out human pairs: a text as specific as a human caption keeps its score, one that
     # matches anything (boilerplate, file names) loses it. 0 = off (BLIP's filter).
-    prior_images: int = Field(0, ge=0, le=64)
+    prior_images: int = Field(0, ge=0, le=63)  # the bank holds 64: 63 besides a text's own image
     prior_weight: float = Field(0.5, ge=0, le=1)
-    # A stricter bar for synthetic captions only (`signal: itm`: a filter score, prior-corrected
-    # when on); null = the same threshold as the web texts (BLIP).
+    # A stricter bar for synthetic captions only, on the filter score (`signal: itm`: p(match),
+    # prior-corrected when the prior is on); null = the web texts' threshold, fixed or calibrated (BLIP).
     synthetic_threshold: float | None = Field(None, ge=0, le=1)
     batch_size: int = Field(64, ge=1)  # images per forward
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
@@ -414,6 +414,10 @@ class BootstrapConfig(Section):
         if self.synthetic_threshold is not None and self.signal != "itm":
             raise ValueError(f"synthetic_threshold is a p(match) bar, and signal {self.signal!r} scores are not "
                              "probabilities; leave it null (or signal: itm)")
+        if (self.synthetic_threshold is not None and self.threshold == "fixed"
+                and self.synthetic_threshold < self.itm_threshold):
+            raise ValueError(f"synthetic_threshold {self.synthetic_threshold:g} is below itm_threshold "
+                             f"{self.itm_threshold:g}; it is meant as the stricter bar (null = the same)")
         if self.signal != "itm" and self.threshold == "fixed":
             raise ValueError(f"signal {self.signal!r} scores are not probabilities, so a fixed itm_threshold "
                              "cannot apply to them; set threshold: calibrated (or signal: itm)")

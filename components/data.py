@@ -185,7 +185,7 @@ class ManifestBatches(IterableDataset):
         self.swaps = _swap_table(pairs.caption, text.max_words) if words > 0 else None
         self.negatives = words + aug.corpus_negative > 0
         # corpus negatives: texts of other images; None = this stage's captions (other images' only)
-        self.pool = list(negative_pool) if negative_pool is not None else None
+        self.pool = [t for t in negative_pool if t.strip()] if negative_pool is not None else None
         if aug.corpus_negative > 0 and self.pool is not None and not self.pool:
             raise CapfiltError("text_augment.corpus_negative needs texts, and the negative manifests hold none")
         self.transform = build_transform(image_size, augment)
@@ -241,7 +241,7 @@ class ManifestBatches(IterableDataset):
         return partial_caption(caption, rng, aug.word_drop)
 
     def _negative(self, row: int, text: str) -> str | None:
-        """The word-swap or word-exchange negative of `text` (pre_caption form) for this row, or None."""
+        """The word-swap, word-exchange or corpus negative of `text` (pre_caption form) for this row, or None."""
         rng = np.random.default_rng(_sample_seed(self.seed + 2, self.epoch, row))  # resume-stable
         draw, aug = rng.random(), self.text_augment
         if draw < aug.swap_negative:

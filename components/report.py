@@ -117,7 +117,8 @@ def plot_rounds(table: pd.DataFrame) -> bytes:
     labels = {"round1": "round 1 (noisy web)", "round2": "round 2 (bootstrapped)"}
     names = [labels.get(r, f"round {r[5:]}") for r in rounds]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    unit = table[(table[rounds].abs() <= 1.0).all(axis=1)]
+    values = table[rounds].to_numpy(dtype=float)
+    unit = table[(np.isnan(values) | (np.abs(values) <= 1.0)).all(axis=1)]
     wide = table[~table.index.isin(unit.index)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(unit))
@@ -142,7 +143,8 @@ def plot_rounds(table: pd.DataFrame) -> bytes:
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(y, table["metric"].tolist())
     right.invert_yaxis()
-    span = float(np.nanmax(np.abs((table[later].to_numpy(dtype=float) - table[["round1"]].to_numpy(dtype=float)))))
+    deltas = np.abs(table[later].to_numpy(dtype=float) - table[["round1"]].to_numpy(dtype=float))
+    span = float(np.nanmax(deltas)) if np.isfinite(deltas).any() else 0.0
     right.set_xlim(-1.35 * span - 1e-9, 1.35 * span + 1e-9)
     right.set_title("change against round 1 (right of 0: better)", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i % len(colours)]) for i in range(len(rounds))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -159,6 +160,10 @@ def test_decide_threshold_semantics():
                                          "empty_caption", ""]  # a#syn1 (0.8) now fails; web rows as before
     with pytest.raises(ValueError, match="synthetic_threshold is a p\\(match\\) bar"):
         BootstrapConfig(signal="itm_itc", threshold="calibrated", synthetic_threshold=0.9)
+    with pytest.raises(ValueError, match="below itm_threshold"):
+        BootstrapConfig(itm_threshold=0.8, synthetic_threshold=0.5)
+    with pytest.raises(ValueError, match="less than or equal to 63"):
+        BootstrapConfig(prior_images=64)
 
 
 def test_itm_itc_scores_add_the_itm_log_odds_and_the_itc_logit():
@@ -180,7 +185,7 @@ def test_the_text_prior_correction_of_the_filter_score():
     want = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 0.5 * np.nan_to_num(prior + 7.0))))
     np.testing.assert_allclose(got, want)
     assert got[0] == pytest.approx(0.9) and got[2] == pytest.approx(0.5)  # at the reference / no prior: unchanged
-    assert got[1] < 0.5 < 0.9 < got[0] + 1e-12 and got[3] > 0.2  # the generic text falls, the specific one rises
+    assert got[1] < 0.5 and got[3] > 0.2  # the generic text falls below its 0.9, the very specific one rises
     both = bootstrap_merge.filter_scores(p, cos + 0.1, "itm_itc", 0.05, prior, 1.0, -7.0)
     np.testing.assert_allclose(both, np.log(p / (1 - p)) - np.nan_to_num(prior + 7.0) + 2.0)
 
@@ -221,6 +226,36 @@ def test_text_priors_are_mean_log_odds_against_reference_images_not_their_own(wo
     assert np.isnan(none).all()
     with pytest.raises(CapfiltError, match="lower bootstrap.prior_images"):
         prior_bank(filt, root, web.iloc[:2], k=2, seed=0, dev=cpu)
+
+
+def test_a_text_s_reference_images_do_not_depend_on_where_the_corpus_lies():
+    from components.batch_inference import PriorBank
+
+    keys = [f"images/{i:03d}.png" for i in range(10)]
+    here = PriorBank(torch.zeros(10, 1, 1), tuple(f"/data/a::{k}" for k in keys), k=3, seed=0)
+    there = PriorBank(torch.zeros(10, 1, 1), tuple(f"/mnt/b::{k}" for k in keys), k=3, seed=0)
+    texts = ["images/004.png", "images/other.png"]
+    mine = here.choice([f"/data/a::{t}" for t in texts])
+    assert torch.equal(mine, there.choice([f"/mnt/b::{t}" for t in texts]))  # same keys, same picks
+    assert 4 not in mine[0].tolist()  # never the text's own image
+    assert not torch.equal(mine, PriorBank(here.embeds, here.keys, k=3, seed=1).choice(
+        [f"/data/a::{t}" for t in texts]))  # the run seed changes them
+
+
+def test_a_calibrated_threshold_with_the_prior_uses_the_corrected_scores(world, tmp_path):
+    cfg = boot_cfg(world, tmp_path / "out", threshold="calibrated", calibration_keep=0.75, calibration_samples=8,
+                   prior_images=1)
+    models = bootstrap.load_models(cfg)
+    human = read_manifest(world.human, "ingested")
+    threshold, info = bootstrap_merge.resolve_threshold(cfg, human, models)
+    pairs, _ = bootstrap_merge.calibration_pairs(human, cfg)
+    itm, itc, prior = bootstrap_merge.pair_scores(pairs, world.human.parent, models, cfg)
+    assert np.isfinite(prior).all() and info["prior_reference"] == pytest.approx(float(np.median(prior)))
+    scores = bootstrap_merge.score_pairs(pairs, world.human.parent, models, cfg, info["prior_reference"])
+    assert (scores >= threshold).mean() >= 0.75 and info["human_kept"] == pytest.approx((scores >= threshold).mean())
+    assert not np.allclose(scores, itm)  # the corrected score, not p(match)
+    with pytest.raises(CapfiltError, match="prior bank scores 0 images"):
+        bootstrap.run(cfg, lenient_validation(), ONE, models=dataclasses.replace(models, bank=None))
 
 
 def test_the_text_prior_end_to_end_and_across_ranks(world, tmp_path):

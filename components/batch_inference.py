@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +158,9 @@ def score_texts(filt: Loaded, image: torch.Tensor, texts: list[str], image_index
     return itm, itc
 
 
+ImageId = tuple[str, str]  # (resolved manifest folder, image key): one image across manifests
+
+
 PRIOR_BANK = 64  # reference images a text prior is measured against (at most; fewer in a smaller corpus)
 
 
@@ -169,24 +172,25 @@ class PriorBank:
     or the rank it was scored in."""
 
     embeds: Tensor  # (R, 1+N, Dv) image embeddings from the filter's `encode_image`
-    keys: tuple[str, ...]  # (R,) image identities (`image_identity`)
+    keys: tuple[ImageId, ...]  # (R,) image identities (`image_ids`)
     k: int
     seed: int
 
-    def choice(self, keys: Sequence[str]) -> Tensor:
-        """(M, k) long: bank rows for each text's image (`image_identity`); the draw is seeded by
-        the image key alone, so the same corpus anywhere on disk picks the same images."""
-        rows = []
+    def choice(self, keys: Sequence[ImageId]) -> Tensor:
+        """(M, k) long: bank rows for each text's image (`image_ids`); the draw is seeded by the
+        image key alone, so the same corpus anywhere on disk picks the same images."""
+        picked: dict[ImageId, list[int]] = {}  # an image's texts (web + synthetic) share their picks
         for key in keys:
-            name = key.split("::", 1)[-1]
-            order = np.random.default_rng(image_seed(self.seed, "prior", name)).permutation(len(self.keys))
-            rows.append([int(r) for r in order if self.keys[r] != key][: self.k])
-        return torch.tensor(rows, dtype=torch.long)
+            if key not in picked:
+                order = np.random.default_rng(image_seed(self.seed, "prior", key[1])).permutation(len(self.keys))
+                picked[key] = [int(r) for r in order if self.keys[r] != key][: self.k]
+        return torch.tensor([picked[key] for key in keys], dtype=torch.long)
 
 
-def image_identity(root: Path | str, image_key: str) -> str:
-    """One string per image across manifests: the manifest folder and the image key."""
-    return f"{Path(root).resolve()}::{image_key}"
+def image_ids(root: Path | str, image_keys: Iterable[str]) -> list[ImageId]:
+    """The identities of `image_keys` of the manifest in `root` (the folder resolved once)."""
+    folder = str(Path(root).resolve())
+    return [(folder, key) for key in image_keys]
 
 
 def prior_bank(filt: Loaded, root: Path, rows: Any, k: int, seed: int, dev: torch.device,
@@ -205,14 +209,14 @@ def prior_bank(filt: Loaded, root: Path, rows: Any, k: int, seed: int, dev: torc
         embeds = filt.model.encode_image(images.tensor(pil, filt.image_size, dev))
     finally:
         images.close()
-    return PriorBank(embeds, tuple(image_identity(root, key) for key in chosen["image_key"]), k, seed)
+    return PriorBank(embeds, tuple(image_ids(root, chosen["image_key"])), k, seed)
 
 
 def text_scores(filt: Loaded, image: torch.Tensor, texts: list[str], image_index: torch.Tensor,
                 text_cfg: TextInput, bank: PriorBank | None = None,
-                keys: Sequence[str] | None = None) -> tuple[list[float], list[float], list[float]]:
+                keys: Sequence[ImageId] | None = None) -> tuple[list[float], list[float], list[float]]:
     """`score_texts` plus each text's prior: its mean ITM log-odds against `bank.k` reference
-    images of `bank` that are not its own (`keys`: each text's `image_identity`), how well it
+    images of `bank` that are not its own (`keys`: each text's image, `image_ids`), how well it
     matches images in general; NaN without a bank."""
     model, dev = filt.model, image.device
     embeds = model.encode_image(image)  # (B, 1+N, Dv)

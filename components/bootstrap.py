@@ -32,7 +32,7 @@ from components.config import BootstrapConfig, ValidationConfig
 from components.distributed import RankInfo, rank_info
 from components.errors import CapfiltError
 from components.batch_inference import (Images, Loaded, PriorBank, autocast, caption, device,
-                                        generation_config, image_identity, image_seed, load_captioner,
+                                        generation_config, image_ids, image_seed, load_captioner,
                                         load_filter, prior_bank, text_scores)
 from components.schemas import read_manifest
 from models.generation import GenerationConfig
@@ -137,9 +137,8 @@ def _batch_rows(batch: pd.DataFrame, shard: str, cfg: BootstrapConfig, models: M
         web_index = [position[m] for m in batch["member"]]
         texts = batch["caption"].tolist() + synthetic
         index = torch.tensor(web_index + [i // k for i in range(len(synthetic))], dtype=torch.long)
-        root = Path(cfg.web_manifest).parent
-        keys = [image_identity(root, key) for key in batch["image_key"]] + \
-            [image_identity(root, key) for key in firsts["image_key"] for _ in range(k)]
+        keys = image_ids(Path(cfg.web_manifest).parent,
+                         [*batch["image_key"], *(key for key in firsts["image_key"] for _ in range(k))])
         itm, itc, prior = text_scores(models.filter, filt_in, texts, index, cfg.text, models.bank, keys)
     rows = [dict(kind="web", sample_id=r.sample_id, image_key=r.image_key, caption=r.caption,
                  shard=shard, member=r.member, k=-1, itm_score=itm[j], itc_score=itc[j], itm_prior=prior[j])

@@ -37,7 +37,7 @@ from components.config import BootstrapConfig, ValidationConfig
 from components import atomic
 from components.errors import CapfiltError
 from components.expectations import require, run_expectations
-from components.batch_inference import Images, autocast, image_identity, text_scores
+from components.batch_inference import Images, autocast, image_ids, text_scores
 from components.schemas import read_manifest, validate, write_manifest
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def pair_scores(pairs: pd.DataFrame, root: Path, models: Models,
             pil = images.load([s for s, _ in unique], [m for _, m in unique])
             where = {key: i for i, key in enumerate(unique)}
             index = torch.tensor([where[key] for key in keys], dtype=torch.long)
-            ids = [image_identity(root, key) for key in chunk["image_key"]]
+            ids = image_ids(root, chunk["image_key"])
             with torch.inference_mode(), autocast(models.device, models.precision):
                 tensor = images.tensor(pil, models.filter.image_size, models.device)
                 itm, itc, prior = text_scores(models.filter, tensor, chunk["caption"].tolist(), index, cfg.text,

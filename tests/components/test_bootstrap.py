@@ -191,7 +191,7 @@ def test_the_text_prior_correction_of_the_filter_score():
 
 
 def test_text_priors_are_mean_log_odds_against_reference_images_not_their_own(world):
-    from components.batch_inference import image_identity, load_filter, prior_bank, text_scores
+    from components.batch_inference import image_ids, load_filter, prior_bank, text_scores
     from components.config import TextInput
 
     cpu = torch.device("cpu")
@@ -205,7 +205,7 @@ def test_text_priors_are_mean_log_odds_against_reference_images_not_their_own(wo
     finally:
         images.close()
     texts, index, text = rows["caption"].tolist() * 2, torch.tensor([0, 1, 2] * 2), TextInput()
-    keys = [image_identity(root, k) for k in rows["image_key"]] * 2
+    keys = image_ids(root, rows["image_key"]) * 2
     with torch.inference_mode():
         bank = prior_bank(filt, root, web, k=2, seed=0, dev=cpu)
         assert len(bank.keys) == web["image_key"].nunique()  # a small corpus: every image
@@ -232,14 +232,14 @@ def test_a_text_s_reference_images_do_not_depend_on_where_the_corpus_lies():
     from components.batch_inference import PriorBank
 
     keys = [f"images/{i:03d}.png" for i in range(10)]
-    here = PriorBank(torch.zeros(10, 1, 1), tuple(f"/data/a::{k}" for k in keys), k=3, seed=0)
-    there = PriorBank(torch.zeros(10, 1, 1), tuple(f"/mnt/b::{k}" for k in keys), k=3, seed=0)
+    here = PriorBank(torch.zeros(10, 1, 1), tuple(("/data/a", k) for k in keys), k=3, seed=0)
+    there = PriorBank(torch.zeros(10, 1, 1), tuple(("/mnt/b", k) for k in keys), k=3, seed=0)
     texts = ["images/004.png", "images/other.png"]
-    mine = here.choice([f"/data/a::{t}" for t in texts])
-    assert torch.equal(mine, there.choice([f"/mnt/b::{t}" for t in texts]))  # same keys, same picks
+    mine = here.choice([("/data/a", t) for t in texts])
+    assert torch.equal(mine, there.choice([("/mnt/b", t) for t in texts]))  # same keys, same picks
     assert 4 not in mine[0].tolist()  # never the text's own image
     assert not torch.equal(mine, PriorBank(here.embeds, here.keys, k=3, seed=1).choice(
-        [f"/data/a::{t}" for t in texts]))  # the run seed changes them
+        [("/data/a", t) for t in texts]))  # the run seed changes them
 
 
 def test_a_calibrated_threshold_with_the_prior_uses_the_corrected_scores(world, tmp_path):

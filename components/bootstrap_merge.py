@@ -191,7 +191,8 @@ def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, s
            synthetic_threshold: float | None = None) -> pd.DataFrame:
     """`parts` plus `filter_score` (see `filter_scores`; prior-corrected with `weight` > 0 from the
     `itm_prior` column) and `reason`: empty when kept, else one of REMOVAL_REASONS. Synthetic
-    captions face `synthetic_threshold` instead of `threshold` when it is given."""
+    captions face the stricter of `threshold` and `synthetic_threshold` when the latter is given (a
+    calibrated threshold is only known here, so the config cannot check the order)."""
     out = parts.copy()
     if "itm_prior" not in out:
         out["itm_prior"] = np.nan
@@ -200,7 +201,7 @@ def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, s
     below = "itm_below_threshold" if signal == "itm" else "score_below_threshold"
     bar = np.full(len(out), threshold, dtype=np.float64)
     if synthetic_threshold is not None:
-        bar[(out["kind"] == "synthetic").to_numpy()] = synthetic_threshold
+        bar[(out["kind"] == "synthetic").to_numpy()] = max(threshold, synthetic_threshold)
     reason = np.where(out["filter_score"].to_numpy() < bar, below, "")
     if itc_threshold is not None:
         reason = np.where((reason == "") & (out["itc_score"].to_numpy() < itc_threshold),

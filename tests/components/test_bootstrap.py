@@ -158,6 +158,9 @@ def test_decide_threshold_semantics():
     strict = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=None, synthetic_threshold=0.85)
     assert strict["reason"].tolist() == ["", "itm_below_threshold", "duplicate", "itm_below_threshold",
                                          "empty_caption", ""]  # a#syn1 (0.8) now fails; web rows as before
+    lax = bootstrap_merge.decide(parts, threshold=0.85, itc_threshold=None, synthetic_threshold=0.5)
+    assert lax["reason"].tolist() == ["itm_below_threshold", "itm_below_threshold", "", "itm_below_threshold",
+                                      "empty_caption", "itm_below_threshold"]  # a (calibrated) 0.85 > 0.5 holds
     with pytest.raises(ValueError, match="synthetic_threshold is a p\\(match\\) bar"):
         BootstrapConfig(signal="itm_itc", threshold="calibrated", synthetic_threshold=0.9)
     with pytest.raises(ValueError, match="below itm_threshold"):

@@ -191,8 +191,7 @@ def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, s
            synthetic_threshold: float | None = None) -> pd.DataFrame:
     """`parts` plus `filter_score` (see `filter_scores`; prior-corrected with `weight` > 0 from the
     `itm_prior` column) and `reason`: empty when kept, else one of REMOVAL_REASONS. Synthetic
-    captions face the stricter of `threshold` and `synthetic_threshold` when the latter is given (a
-    calibrated threshold is only known here, so the config cannot check the order)."""
+    captions face the stricter of `threshold` and `synthetic_threshold` when the latter is given."""
     out = parts.copy()
     if "itm_prior" not in out:
         out["itm_prior"] = np.nan

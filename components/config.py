@@ -398,7 +398,8 @@ class BootstrapConfig(Section):
     prior_images: int = Field(0, ge=0, le=63)  # the bank holds 64: 63 besides a text's own image
     prior_weight: float = Field(0.5, ge=0, le=1)
     # A stricter bar for synthetic captions only, on the filter score (`signal: itm`: p(match),
-    # prior-corrected when the prior is on); null = the web texts' threshold, fixed or calibrated (BLIP).
+    # prior-corrected when the prior is on); they face the higher of this and the web texts'
+    # threshold, fixed or calibrated; null = the web texts' threshold alone (BLIP).
     synthetic_threshold: float | None = Field(None, ge=0, le=1)
     batch_size: int = Field(64, ge=1)  # images per forward
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
@@ -414,10 +415,6 @@ class BootstrapConfig(Section):
         if self.synthetic_threshold is not None and self.signal != "itm":
             raise ValueError(f"synthetic_threshold is a p(match) bar, and signal {self.signal!r} scores are not "
                              "probabilities; leave it null (or signal: itm)")
-        if (self.synthetic_threshold is not None and self.threshold == "fixed"
-                and self.synthetic_threshold < self.itm_threshold):
-            raise ValueError(f"synthetic_threshold {self.synthetic_threshold:g} is below itm_threshold "
-                             f"{self.itm_threshold:g}; it is meant as the stricter bar (null = the same)")
         if self.signal != "itm" and self.threshold == "fixed":
             raise ValueError(f"signal {self.signal!r} scores are not probabilities, so a fixed itm_threshold "
                              "cannot apply to them; set threshold: calibrated (or signal: itm)")

@@ -160,11 +160,10 @@ def test_decide_threshold_semantics():
                                          "empty_caption", ""]  # a#syn1 (0.8) now fails; web rows as before
     lax = bootstrap_merge.decide(parts, threshold=0.85, itc_threshold=None, synthetic_threshold=0.5)
     assert lax["reason"].tolist() == ["itm_below_threshold", "itm_below_threshold", "", "itm_below_threshold",
-                                      "empty_caption", "itm_below_threshold"]  # a (calibrated) 0.85 > 0.5 holds
+                                      "empty_caption", "itm_below_threshold"]  # the web bar 0.85 > 0.5 holds
     with pytest.raises(ValueError, match="synthetic_threshold is a p\\(match\\) bar"):
         BootstrapConfig(signal="itm_itc", threshold="calibrated", synthetic_threshold=0.9)
-    with pytest.raises(ValueError, match="below itm_threshold"):
-        BootstrapConfig(itm_threshold=0.8, synthetic_threshold=0.5)
+    assert BootstrapConfig(itm_threshold=0.995, synthetic_threshold=0.99).synthetic_threshold == 0.99  # max applies
     with pytest.raises(ValueError, match="less than or equal to 63"):
         BootstrapConfig(prior_images=64)
 

@@ -414,7 +414,7 @@ class BootstrapConfig(Section):
     def _threshold_fits_signal(self) -> BootstrapConfig:
         if self.synthetic_threshold is not None and self.signal != "itm":
             raise ValueError(f"synthetic_threshold is a p(match) bar, and signal {self.signal!r} scores are not "
-                             "probabilities; leave it null (or signal: itm)")
+                             "probabilities; set bootstrap.synthetic_threshold: null (or signal: itm)")
         if self.signal != "itm" and self.threshold == "fixed":
             raise ValueError(f"signal {self.signal!r} scores are not probabilities, so a fixed itm_threshold "
                              "cannot apply to them; set threshold: calibrated (or signal: itm)")

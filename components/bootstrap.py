@@ -226,9 +226,10 @@ def run(cfg: BootstrapConfig, validation: ValidationConfig, rank: RankInfo | Non
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // rank.world_size))
     web = read_manifest(Path(cfg.web_manifest), "ingested")
     models = models or load_models(cfg, device(rank.local_rank))
-    if (models.bank.k if models.bank is not None else 0) != cfg.prior_images:
+    banked = models.bank.k if models.bank is not None else 0
+    if banked != cfg.prior_images:
         raise CapfiltError(f"bootstrap.prior_images is {cfg.prior_images} but the models' prior bank scores "
-                           f"{models.bank.k if models.bank else 0} images per text; load them with load_models(cfg)")
+                           f"{banked} images per text; load them with load_models(cfg)")
     parts_dir = Path(cfg.out) / "parts" / fingerprint(cfg, models)
     parts_dir.mkdir(parents=True, exist_ok=True)
     log.info("bootstrap rank %d/%d: %d web texts, captioner %s, filter %s, %s", rank.rank,

@@ -137,14 +137,6 @@ def pair_scores(pairs: pd.DataFrame, root: Path, models: Models,
     return np.asarray(itm_all), np.asarray(itc_all), np.asarray(prior_all, dtype=np.float64)
 
 
-def score_pairs(pairs: pd.DataFrame, root: Path, models: Models, cfg: BootstrapConfig,
-                reference: float = 0.0) -> np.ndarray:
-    """Filter scores (`cfg.signal`, prior-corrected against `reference` with `prior_images`) of
-    manifest rows against their own images."""
-    itm, itc, prior = pair_scores(pairs, root, models, cfg)
-    return filter_scores(itm, itc, cfg.signal, filter_temperature(models), prior, _weight(cfg), reference)
-
-
 def _weight(cfg: BootstrapConfig) -> float:
     return cfg.prior_weight if cfg.prior_images > 0 else 0.0
 

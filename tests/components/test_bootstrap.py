@@ -253,7 +253,8 @@ def test_a_calibrated_threshold_with_the_prior_uses_the_corrected_scores(world, 
     pairs, _ = bootstrap_merge.calibration_pairs(human, cfg)
     itm, itc, prior = bootstrap_merge.pair_scores(pairs, world.human.parent, models, cfg)
     assert np.isfinite(prior).all() and info["prior_reference"] == pytest.approx(float(np.median(prior)))
-    scores = bootstrap_merge.score_pairs(pairs, world.human.parent, models, cfg, info["prior_reference"])
+    scores = bootstrap_merge.filter_scores(itm, itc, cfg.signal, bootstrap_merge.filter_temperature(models), prior,
+                                           cfg.prior_weight, info["prior_reference"])
     assert (scores >= threshold).mean() >= 0.75 and info["human_kept"] == pytest.approx((scores >= threshold).mean())
     assert not np.allclose(scores, itm)  # the corrected score, not p(match)
     with pytest.raises(CapfiltError, match="prior bank scores 0 images"):
@@ -335,7 +336,8 @@ def test_calibrated_threshold_keeps_the_human_pairs(world, tmp_path):
     human = read_manifest(world.human, "ingested")
     threshold, info = bootstrap_merge.resolve_threshold(cfg, human, models)
     pairs, source = bootstrap_merge.calibration_pairs(human, cfg)
-    scores = bootstrap_merge.score_pairs(pairs, world.human.parent, models, cfg)
+    itm, itc, _ = bootstrap_merge.pair_scores(pairs, world.human.parent, models, cfg)
+    scores = bootstrap_merge.filter_scores(itm, itc, cfg.signal, bootstrap_merge.filter_temperature(models))
     assert info["mode"] == "calibrated" and info["n"] == 8 and "training pairs" in source
     assert (scores >= threshold).mean() >= 0.75 and info["human_kept"] >= 0.75
     val = human.assign(split=["val"] * 4 + ["train"] * (len(human) - 4))

@@ -451,6 +451,11 @@ class EvaluateConfig(Section):
     # other bootstrap outputs of the same web set (e.g. `decoding: beam` into another `out`): their
     # synthetic captions' noise ratio is compared with `bootstrap`'s (BLIP's nucleus vs beam table)
     decoding_runs: list[str] = []
+    # the gain's interval: test images resampled with replacement, the same draws for both rounds
+    # (components/significance.py); 0 resamples = no interval
+    resamples: int = Field(2000, ge=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    resample_seed: int = 0
 
 
 # --- the root ---------------------------------------------------------------------------------

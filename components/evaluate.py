@@ -38,7 +38,8 @@ from components.bootstrap_merge import filter_scores, write_json
 from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
-from components.synth_score import score_captions
+from components.significance import Tally, paired_intervals
+from components.synth_score import ATTRIBUTES, caption_hits, scene_of, score_captions
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,45 @@ def simple_tokens(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def caption_scores(captions: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
-    """BLEU-4 and CIDEr (pycocoevalcap) of one caption per image against its references."""
+def caption_scores(captions: dict[str, str], refs: dict[str, list[str]],
+                   tally: Tally | None = None) -> dict[str, float]:
+    """BLEU-4 and CIDEr (pycocoevalcap) of one caption per image against its references; `tally`
+    gets each image's CIDEr (in the order of `captions`)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    keys = sorted(captions)
-    res = {k: [simple_tokens(captions[k]) or "empty"] for k in keys}
-    gts = {k: [simple_tokens(r) for r in refs[k]] for k in keys}
+    res = {k: [simple_tokens(c) or "empty"] for k, c in captions.items()}
+    gts = {k: [simple_tokens(r) for r in refs[k]] for k in captions}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
+    cider, per_image = Cider().compute_score(gts, res)  # per_image in the order of gts
+    if tally is not None:
+        tally.add("cider", per_image)
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
-def attribute_scores(captions: dict[str, str], scenes: dict[str, Any]) -> dict[str, float]:
-    """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy."""
+def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
+                     tally: Tally | None = None) -> dict[str, float]:
+    """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy; `tally`
+    gets each image's attribute hits over its objects and its exactness (in the order of `captions`)."""
     s = score_captions(scenes, captions.items())
-    per = {a: getattr(s, a) for a in ("shape", "colour", "size", "position")}
+    per = {a: getattr(s, a) for a in ATTRIBUTES}
+    if tally is not None:
+        hits = [caption_hits(scene_of(scenes, k), c) for k, c in captions.items()]
+        objects = np.array([h.objects for h in hits])
+        table = np.array([h.hits for h in hits], dtype=np.float64)  # (N, 4)
+        tally.add("attribute_accuracy", table.mean(axis=1), objects)  # mean of 4 ratios, one denominator
+        tally.add("strict_accuracy", np.array([h.exact for h in hits]))
+        for k, a in enumerate(ATTRIBUTES):
+            tally.add(f"{a}_accuracy", table[:, k], objects)
     return {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": s.strict,
             **{f"{a}_accuracy": float(v) for a, v in per.items()}}
 
 
 def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, text_image: np.ndarray,
-                ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+                ks: tuple[int, ...] = (1, 5, 10), tally: Tally | None = None) -> dict[str, float]:
     """BLIP's `itm_eval`: score_i2t (N_img, N_txt), score_t2i (N_txt, N_img), text_image (N_txt,)
-    the image of each text. Ties count against the query (strictly greater scores rank first)."""
+    the image of each text. Ties count against the query (strictly greater scores rank first).
+    `tally` gets per image whether it found a caption, and how many of its captions found it."""
     n_img = score_i2t.shape[0]
     i2t_rank = np.full(n_img, np.iinfo(np.int64).max)
     for j, img in enumerate(text_image):  # best rank among an image's captions
@@ -83,9 +98,13 @@ def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, text_image: np.nda
         i2t_rank[img] = min(i2t_rank[img], rank)
     t2i_rank = np.array([(score_t2i[j] > score_t2i[j, img]).sum() for j, img in enumerate(text_image)])
     out = {}
+    texts = np.bincount(text_image, minlength=n_img)  # (N_img,) captions per image
     for k in ks:
         out[f"i2t_r{k}"] = float((i2t_rank < k).mean())
         out[f"t2i_r{k}"] = float((t2i_rank < k).mean())
+        if tally is not None:
+            tally.add(f"i2t_r{k}", i2t_rank < k)
+            tally.add(f"t2i_r{k}", np.bincount(text_image, weights=t2i_rank < k, minlength=n_img), texts)
     return out
 
 
@@ -120,7 +139,7 @@ def _topk_itm(filt: Loaded, image_embeds: torch.Tensor, ids: torch.Tensor, mask:
 
 
 def retrieval(filt: Loaded, image: torch.Tensor, texts: list[str], text_image: np.ndarray,
-              cfg: EvaluateConfig) -> dict[str, float]:
+              cfg: EvaluateConfig, tally: Tally | None = None) -> dict[str, float]:
     """ITC ranking + ITM re-ranking of the top `k_test` in both directions (BLIP)."""
     dev, model = image.device, filt.model
     embeds = torch.cat([model.encode_image(image[s : s + cfg.batch_size])
@@ -140,19 +159,20 @@ def retrieval(filt: Loaded, image: torch.Tensor, texts: list[str], text_image: n
     score_i2t[rows, top_t] = itm[: len(rows)] + sims[rows, top_t]
     score_t2i = torch.full_like(sims.t(), -100.0)
     score_t2i[cols, top_i] = itm[len(rows) :] + sims[top_i, cols]
-    return recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), text_image)
+    return recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), text_image, tally=tally)
 
 
 def evaluate_round(cfg: EvaluateConfig, test: pd.DataFrame, scenes: dict[str, Any] | None,
-                   captioner_dir: str, filter_dir: str, dev: torch.device) -> tuple[dict[str, float], dict[str, str]]:
-    """One round's metrics and its caption per test image."""
+                   captioner_dir: str, filter_dir: str,
+                   dev: torch.device) -> tuple[dict[str, float], dict[str, str], Tally]:
+    """One round's metrics, its caption per test image, and the per-image tally of its metrics."""
     captioner, filt = load_captioner(captioner_dir, dev), load_filter(filter_dir, dev)
     gen = generation_config(captioner, "beam", 1, num_beams=cfg.num_beams, top_p=0.9,
                             repetition_penalty=cfg.repetition_penalty,
                             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
     firsts = test.drop_duplicates("image_key")
     keys = firsts["image_key"].tolist()
-    images = Images(Path(cfg.test_manifest).parent)
+    images, tally = Images(Path(cfg.test_manifest).parent), Tally()
     try:
         pil = images.load(firsts["shard"].tolist(), firsts["member"].tolist())
         with torch.inference_mode(), autocast(dev):
@@ -163,17 +183,17 @@ def evaluate_round(cfg: EvaluateConfig, test: pd.DataFrame, scenes: dict[str, An
             image = images.tensor(pil, filt.image_size, dev)
             index = {k: i for i, k in enumerate(keys)}
             text_image = test["image_key"].map(index).to_numpy()
-            metrics = retrieval(filt, image, test["caption"].tolist(), text_image, cfg)
+            metrics = retrieval(filt, image, test["caption"].tolist(), text_image, cfg, tally)
     finally:
         images.close()
     by_key = dict(zip(keys, captions, strict=True))
     refs = test.groupby("image_key", sort=False)["caption"].apply(list).to_dict()
-    metrics.update(caption_scores(by_key, refs))
+    metrics.update(caption_scores(by_key, refs, tally))
     if scenes is not None:
-        metrics.update(attribute_scores(by_key, scenes))
+        metrics.update(attribute_scores(by_key, scenes, tally))
     else:  # real data: no ground truth to check attributes against
         metrics.update(attribute_accuracy=None, strict_accuracy=None)
-    return metrics, by_key
+    return metrics, by_key, tally
 
 
 def _truth(cfg: EvaluateConfig) -> pd.DataFrame | None:
@@ -372,7 +392,7 @@ def evaluate_models(cfg: EvaluateConfig, models: dict[str, tuple[Path, Path]]) -
     test, scenes = test_set(cfg)
     out = {}
     for name, (cap_dir, filt_dir) in models.items():
-        out[name], _ = evaluate_round(cfg, test, scenes, str(cap_dir), str(filt_dir), dev)
+        out[name], _, _ = evaluate_round(cfg, test, scenes, str(cap_dir), str(filt_dir), dev)
         log.info("%s: %s", name, ", ".join(f"{k} {out[name][k]:.3f}" for k in HEADLINE if out[name].get(k) is not None))
     return _finite(out)
 
@@ -426,13 +446,19 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     dev = device()
     test, scenes = test_set(cfg)
     metrics: dict[str, Any] = {}
-    captions = {}
+    captions, tallies = {}, {}
     for name, cap_dir, filt_dir in (("round1", cfg.round1_captioner, cfg.round1_filter),
                                     ("round2", cfg.round2_captioner, cfg.round2_filter)):
-        metrics[name], captions[name] = evaluate_round(cfg, test, scenes, cap_dir, filt_dir, dev)
+        metrics[name], captions[name], tallies[name] = evaluate_round(cfg, test, scenes, cap_dir, filt_dir, dev)
         log.info("%s: %s", name, ", ".join(f"{k} {metrics[name][k]:.3f}" for k in HEADLINE if metrics[name].get(k) is not None))
     metrics["gain"] = {k: None if v is None or metrics["round2"].get(k) is None else metrics["round2"][k] - v
                        for k, v in metrics["round1"].items()}
+    intervals = paired_intervals(tallies["round1"], tallies["round2"], cfg.resamples, cfg.confidence, cfg.resample_seed)
+    if intervals:
+        metrics["gain_interval"] = {"confidence": cfg.confidence, "resamples": cfg.resamples, "metrics": intervals}
+        log.info("round 2 - round 1 (%.0f%% interval over resampled test images): %s", 100 * cfg.confidence,
+                 ", ".join(f"{k} {v['gain']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+                           for k, v in intervals.items() if k in HEADLINE))
     decisions, truth = None, _truth(cfg)
     web_scenes = load_scenes(Path(cfg.web_truth)) if truth is not None else None
     if (Path(cfg.bootstrap) / "manifest.parquet").is_file():

@@ -43,13 +43,25 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+INTERVAL_COLUMNS = ("gain_low", "gain_high", "p_round2_higher")
+
+
 def rounds_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """metric, round1, round2 (round3, ... from the rounds stage), gain for the headline metrics present."""
+    """metric, round1, round2 (round3, ... from the rounds stage), gain for the headline metrics
+    present; with the gain's interval (gain_low, gain_high, p_round2_higher) when evaluate made one."""
     extra = metrics.get("rounds", {})
-    rows = [(k, metrics["round1"][k], metrics["round2"][k], *(m.get(k) for m in extra.values()),
-             metrics["gain"][k])
-            for k in HEADLINE if metrics["round1"].get(k) is not None and metrics["round2"].get(k) is not None]
-    return pd.DataFrame(rows, columns=["metric", "round1", "round2", *extra, "gain"])
+    intervals = metrics.get("gain_interval", {}).get("metrics")
+    rows = []
+    for k in HEADLINE:
+        if metrics["round1"].get(k) is None or metrics["round2"].get(k) is None:
+            continue
+        row = [k, metrics["round1"][k], metrics["round2"][k], *(m.get(k) for m in extra.values()), metrics["gain"][k]]
+        if intervals is not None:
+            iv = intervals.get(k, {})
+            row += [iv.get("low"), iv.get("high"), iv.get("above_zero")]
+        rows.append(row)
+    columns = ["metric", "round1", "round2", *extra, "gain", *(INTERVAL_COLUMNS if intervals is not None else ())]
+    return pd.DataFrame(rows, columns=columns)
 
 
 ABLATION_LABELS = {"none": "no CapFilt (round 1)", "captioner": "captioner only", "filter": "filter only",
@@ -114,6 +126,7 @@ def plot_rounds(table: pd.DataFrame) -> bytes:
     import matplotlib.pyplot as plt
 
     rounds = [c for c in table.columns if c.startswith("round")]
+    has_interval = "gain_low" in table.columns
     labels = {"round1": "round 1 (noisy web)", "round2": "round 2 (bootstrapped)"}
     names = [labels.get(r, f"round {r[5:]}") for r in rounds]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -136,17 +149,27 @@ def plot_rounds(table: pd.DataFrame) -> bytes:
     for i, r in enumerate(later):
         delta = (table[r] - table["round1"]).to_numpy(dtype=float)
         pos = y + (i - (len(later) - 1) / 2) * height
-        right.barh(pos, delta, height, color=colours[(i + 1) % len(colours)], label=names[i + 1])
+        err = None
+        if has_interval and r == "round2":  # the interval is of round 2's gain
+            low, high = (table[c].to_numpy(dtype=float) for c in ("gain_low", "gain_high"))
+            err = np.nan_to_num(np.vstack([delta - low, high - delta]))  # (2, M) below / above the bar's end
+        right.barh(pos, delta, height, xerr=err, capsize=3, color=colours[(i + 1) % len(colours)],
+                   label=names[i + 1], error_kw={"elinewidth": 0.8, "ecolor": "#444"})
         for p, d in zip(pos, delta, strict=True):
-            right.annotate(f"{d:+.3f}", (d, p), xytext=(3 if d >= 0 else -3, 0), textcoords="offset points",
-                           ha="left" if d >= 0 else "right", va="center", fontsize=8)
+            right.annotate(f"{d:+.3f}", (d, p), xytext=(3 if d >= 0 else -3, 0 if err is None else -7),
+                           textcoords="offset points", ha="left" if d >= 0 else "right", va="center", fontsize=8)
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(y, table["metric"].tolist())
     right.invert_yaxis()
     deltas = np.abs(table[later].to_numpy(dtype=float) - table[["round1"]].to_numpy(dtype=float))
+    if has_interval:
+        deltas = np.hstack([deltas, np.abs(table[["gain_low", "gain_high"]].to_numpy(dtype=float))])
     span = float(np.nanmax(deltas)) if np.isfinite(deltas).any() else 0.0
     right.set_xlim(-1.35 * span - 1e-9, 1.35 * span + 1e-9)
-    right.set_title("change against round 1 (right of 0: better)", fontsize=10)
+    title = "change against round 1 (right of 0: better)"
+    if has_interval:
+        title += "\nwhiskers: round 2's interval over resampled test images"
+    right.set_title(title, fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i % len(colours)]) for i in range(len(rounds))]
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -258,6 +281,13 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>capfilt evaluation</title>",
              f"<style>{_CSS}</style></head><body><h1>capfilt: round 1 vs round 2</h1>",
              _table(rounds_table(metrics))]
+    if "gain_interval" in metrics:
+        gi = metrics["gain_interval"]
+        parts += [f"<p>gain_low, gain_high: the {100 * gi['confidence']:.0f}% interval of round 2 − round 1 "
+                  f"over {gi['resamples']} resamples of the test images (the same draws for both rounds); "
+                  "p_round2_higher: the share of resamples in which round 2 scores higher. It covers the "
+                  "choice of test images, not re-training (a second training run moves the scores too); "
+                  "BLEU-4, a corpus statistic, has none.</p>"]
     if "ablation" in metrics:
         parts += ["<h2>CapFilt ablation (pre-training pairs by source; test metrics)</h2>",
                   _table(ablation_table(metrics))]

@@ -194,31 +194,46 @@ def _is_exact(truth: Scene, said: tuple[ObjectSpec, ...]) -> bool:
     return all(None not in g for g in got) and sorted(got) == want  # type: ignore[type-var]
 
 
+@dataclass(frozen=True)
+class CaptionHits:
+    """One caption against its scene: true objects, per-attribute hits after alignment, exact."""
+
+    objects: int
+    hits: tuple[int, ...]  # per ATTRIBUTES
+    exact: bool
+    parsed: bool
+    count: bool
+
+
+def caption_hits(truth: Scene, caption: str) -> CaptionHits:
+    """Score one caption against its true scene (`score_captions` sums these)."""
+    parsed = parse_caption(caption)
+    if parsed is None:
+        return CaptionHits(len(truth.objects), (0,) * len(ATTRIBUTES), False, False, False)
+    return CaptionHits(len(truth.objects), tuple(_best_matches(truth, parsed.objects)),
+                       _is_exact(truth, parsed.objects), True, len(parsed.objects) == len(truth.objects))
+
+
+def scene_of(scenes: Mapping[str, Scene], key: str) -> Scene:
+    """The true scene of an image id, or of a path whose stem is the id."""
+    image_id = Path(key).stem
+    if image_id not in scenes:
+        raise CapfiltError(f"caption for {key!r}: no ground-truth scene for {image_id!r}")
+    return scenes[image_id]
+
+
 def score_captions(
     scenes: Mapping[str, Scene], pairs: Iterable[tuple[str, str]]
 ) -> CaptionScore:
     """Score (image id or path whose stem is the id, caption) pairs against `scenes`."""
-    n = n_parsed = n_count = n_strict = n_objects = 0
-    hits = [0] * len(ATTRIBUTES)
-    for key, caption in pairs:
-        image_id = Path(key).stem
-        if image_id not in scenes:
-            raise CapfiltError(f"caption for {key!r}: no ground-truth scene for {image_id!r}")
-        truth = scenes[image_id]
-        n += 1
-        n_objects += len(truth.objects)
-        parsed = parse_caption(caption)
-        if parsed is None:
-            continue
-        n_parsed += 1
-        n_count += len(parsed.objects) == len(truth.objects)
-        n_strict += _is_exact(truth, parsed.objects)
-        hits = [h + b for h, b in zip(hits, _best_matches(truth, parsed.objects), strict=True)]
-    if n == 0:
+    scored = [caption_hits(scene_of(scenes, key), caption) for key, caption in pairs]
+    if not scored:
         raise CapfiltError("no captions to score")
-    per_attr = {a: hits[k] / n_objects for k, a in enumerate(ATTRIBUTES)}
+    n, n_objects = len(scored), sum(c.objects for c in scored)
+    per_attr = {a: sum(c.hits[k] for c in scored) / n_objects for k, a in enumerate(ATTRIBUTES)}
     return CaptionScore(
-        n=n, parsed=n_parsed / n, count=n_count / n, strict=n_strict / n, **per_attr
+        n=n, parsed=sum(c.parsed for c in scored) / n, count=sum(c.count for c in scored) / n,
+        strict=sum(c.exact for c in scored) / n, **per_attr
     )
 
 

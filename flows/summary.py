@@ -16,7 +16,8 @@ from flows.tracking import numeric_leaves
 
 
 def round_table(metrics_file: Path) -> list[dict[str, Any]]:
-    """Rows {metric, round1, round2, gain} from the evaluate metrics, [] when absent."""
+    """Rows {metric, round1, round2, gain, interval} from the evaluate metrics ([low, high] of the
+    gain when evaluate resampled the test set, else None), [] when absent."""
     if not metrics_file.is_file():
         return []
     try:
@@ -26,11 +27,19 @@ def round_table(metrics_file: Path) -> list[dict[str, Any]]:
     r1 = numeric_leaves(data.get("round1", {}))
     r2 = numeric_leaves(data.get("round2", {}))
     gain = numeric_leaves(data.get("gain", {}))
+    intervals = data.get("gain_interval", {}).get("metrics", {})
     rows = []
     for key in sorted(set(r1) | set(r2)):
         delta = gain.get(key, r2[key] - r1[key] if key in r1 and key in r2 else None)
-        rows.append({"metric": key, "round1": r1.get(key), "round2": r2.get(key), "gain": delta})
+        iv = intervals.get(key)
+        rows.append({"metric": key, "round1": r1.get(key), "round2": r2.get(key), "gain": delta,
+                     "interval": [iv["low"], iv["high"]] if iv else None})
     return rows
+
+
+def _interval(row: dict[str, Any]) -> str:
+    iv = row.get("interval")
+    return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else "-"
 
 
 def find_reports(root: Path, outs: list[str]) -> dict[str, list[str]]:
@@ -67,9 +76,10 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s.get('run_id') or '-'} |")
     if summary.get("rounds"):
         lines += ["", "## Round 1 (noisy) vs round 2 (bootstrapped)", "",
-                  "| metric | round 1 | round 2 | gain |", "|---|---|---|---|"]
+                  "| metric | round 1 | round 2 | gain | gain interval (resampled test set) |", "|---|---|---|---|---|"]
         for r in summary["rounds"]:
-            lines.append(f"| {r['metric']} | {_fmt(r['round1'])} | {_fmt(r['round2'])} | {_fmt(r['gain'])} |")
+            lines.append(f"| {r['metric']} | {_fmt(r['round1'])} | {_fmt(r['round2'])} | {_fmt(r['gain'])} "
+                         f"| {_interval(r)} |")
     if summary.get("kept"):
         lines += ["", "## Kept fractions", ""] + [f"- {k}: {_fmt(v)}" for k, v in summary["kept"].items()]
     if summary.get("promotions"):
@@ -87,8 +97,8 @@ def text(summary: dict[str, Any]) -> str:
         lines.append(f"{s['name']:<{width}}  {s['status']:<7}  {s['seconds']:7.1f}")
     if summary.get("rounds"):
         lines += ["", "round 1 vs round 2:"]
-        lines += [f"  {r['metric']}: {_fmt(r['round1'])} -> {_fmt(r['round2'])} (gain {_fmt(r['gain'])})"
-                  for r in summary["rounds"]]
+        lines += [f"  {r['metric']}: {_fmt(r['round1'])} -> {_fmt(r['round2'])} (gain {_fmt(r['gain'])}"
+                  + (f", interval {_interval(r)})" if r.get("interval") else ")") for r in summary["rounds"]]
     if summary.get("kept"):
         lines += ["", "kept fractions: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary["kept"].items())]
     for p in summary.get("promotions", []):

@@ -47,6 +47,26 @@ def test_perfect_captions_score_full_attribute_accuracy_and_high_cider(synth_tes
     assert bad["strict_accuracy"] < 0.5 and bad["cider"] < good["cider"] / 3
 
 
+def test_per_image_tallies_add_up_to_the_reported_metrics(synth_test):
+    from components.significance import Tally
+
+    refs, scenes = synth_test
+    keys = list(refs)
+    mixed = {k: refs[keys[(i + 1) % len(keys)]][0] if i % 3 == 0 else refs[k][0] for i, k in enumerate(keys)}
+    tally = Tally()
+    metrics = {**evaluate.caption_scores(mixed, refs, tally), **evaluate.attribute_scores(mixed, scenes, tally)}
+    assert 0.0 < metrics["strict_accuracy"] < 1.0
+    for name in ("cider", "attribute_accuracy", "strict_accuracy", "shape_accuracy", "position_accuracy"):
+        assert tally.value(name) == pytest.approx(metrics[name]), name
+        assert len(tally.parts[name][0]) == len(keys)
+    rng = np.random.default_rng(1)
+    text_image = np.repeat(np.arange(6), [1, 2, 3, 1, 2, 3])  # unequal captions per image
+    tally = Tally()
+    r = evaluate.recall_at_k(rng.random((6, 12)), rng.random((12, 6)), text_image, ks=(1, 5), tally=tally)
+    for name in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        assert tally.value(name) == pytest.approx(r[name]), name
+
+
 def test_simple_tokens_stand_in_for_ptb():
     assert evaluate.simple_tokens("A Red-ring, at the TOP.") == "a red ring at the top"
 
@@ -199,6 +219,11 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
         assert key in metrics["round1"] and key in metrics["round2"] and key in metrics["gain"]
     assert metrics["round1"]["attribute_accuracy"] is None  # no scenes: skipped, not failed
     assert metrics["gain"]["i2t_r1"] == 0.0  # the same models twice
+    intervals = metrics["gain_interval"]["metrics"]
+    assert "bleu4" not in intervals and {"cider", "i2t_r1", "t2i_r5"} <= set(intervals)
+    for iv in intervals.values():  # the same models twice: every resample ties
+        assert iv["gain"] == iv["low"] == iv["high"] == 0.0 and iv["above_zero"] == 0.5
+    assert "gain_low" in pd.read_csv(out / "plots" / "rounds.csv").columns
     f = metrics["filter"]
     assert set(f["kept_fraction_by_kind"]) == {"correct", "junk", "other_image", "wrong_attribute"}
     assert 0.0 <= f["auroc"] <= 1.0 and f["itm_threshold"] == SPLIT == f["score_threshold"]

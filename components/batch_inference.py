@@ -8,7 +8,8 @@ normalisation, BLIP's eval transform). `tokenize` turns texts into padded ids as
 (`pre_caption`, `[CLS] ... [SEP]`, truncation keeping `[SEP]`). `caption` runs the captioner:
 beam and greedy through `models.generation.generate`; nucleus through `sample_nucleus`, which
 draws each row's uniforms from that image's own generator, so a caption depends on (seed, image)
-only — not on the batch it was decoded in, the rank, or a restart.
+only — not on the batch it was decoded in, the rank, or a restart. `caption_with_confidence` also
+scores each caption by the captioner's own per-token probability (one teacher-forced pass).
 """
 
 from __future__ import annotations
@@ -284,21 +285,56 @@ def sample_nucleus(decoder: StepDecoder, prompt: Tensor, image_embeds: Tensor, c
     return out
 
 
+def _new_tokens(captioner: Loaded, embeds: Tensor, prompt_t: Tensor, cfg: GenerationConfig,
+                seeds: Sequence[int] | None) -> Tensor:
+    """(B*K, L) generated tokens (EOS, then padding) for image embeddings (B, 1+N, Dv)."""
+    if cfg.decoding == "nucleus":
+        if seeds is None or len(seeds) != embeds.shape[0]:
+            raise ValueError("nucleus captions need one seed per image")
+        uniforms = row_uniforms(seeds, cfg.num_return_sequences, cfg.max_new_tokens)
+        return sample_nucleus(captioner.model.text_decoder, prompt_t, embeds, cfg, uniforms)
+    return generate(captioner.model.text_decoder, prompt_t, embeds, cfg).new_tokens
+
+
+def _decode(captioner: Loaded, new: Tensor, cfg: GenerationConfig) -> list[str]:
+    rows = decode_batch(new.cpu(), cfg.eos_token_id, cfg.pad_token_id)
+    return [t.strip() for t in captioner.tokenizer.decode_batch(rows, skip_special_tokens=True)]
+
+
 def caption(captioner: Loaded, image: Tensor, cfg: GenerationConfig, prompt: str,
             seeds: Sequence[int] | None = None) -> list[str]:
     """K captions per image (image-major), prompt stripped. Nucleus needs one seed per image."""
-    model, dev = captioner.model, image.device
-    embeds = model.encode_image(image)  # (B, 1+N, Dv)
-    prompt_t = prompt_ids(captioner, prompt, image.shape[0], dev)
-    if cfg.decoding == "nucleus":
-        if seeds is None or len(seeds) != image.shape[0]:
-            raise ValueError("nucleus captions need one seed per image")
-        uniforms = row_uniforms(seeds, cfg.num_return_sequences, cfg.max_new_tokens)
-        new = sample_nucleus(model.text_decoder, prompt_t, embeds, cfg, uniforms)
-    else:
-        new = generate(model.text_decoder, prompt_t, embeds, cfg).new_tokens
-    rows = decode_batch(new.cpu(), cfg.eos_token_id, cfg.pad_token_id)
-    return [t.strip() for t in captioner.tokenizer.decode_batch(rows, skip_special_tokens=True)]
+    embeds = captioner.model.encode_image(image)  # (B, 1+N, Dv)
+    prompt_t = prompt_ids(captioner, prompt, image.shape[0], image.device)
+    return _decode(captioner, _new_tokens(captioner, embeds, prompt_t, cfg, seeds), cfg)
+
+
+def token_confidence(captioner: Loaded, embeds: Tensor, prompt_t: Tensor, new: Tensor, eos: int) -> Tensor:
+    """(B*K,) the geometric-mean probability the captioner gives each of its captions' tokens, EOS
+    included and the prompt not, teacher-forced in one causal pass (raw model probabilities: no
+    repetition penalty, no top-p). embeds (B, 1+N, Dv), prompt_t (B, P), new (B*K, L)."""
+    k = new.shape[0] // embeds.shape[0]
+    if k > 1:
+        embeds, prompt_t = embeds.repeat_interleave(k, 0), prompt_t.repeat_interleave(k, 0)
+    n_prompt, width = prompt_t.shape[1], new.shape[1]
+    is_eos = new == eos
+    length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, width)  # (R,) tokens up to EOS
+    ids = torch.cat([prompt_t, new], dim=1)  # (R, P + L)
+    mask = (torch.arange(n_prompt + width, device=new.device)[None] < n_prompt + length[:, None]).long()
+    logits = captioner.model.decoder_logits(ids, mask, embeds)[:, n_prompt - 1 : -1]  # (R, L, V) predicting new
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, new.unsqueeze(2)).squeeze(2)  # (R, L)
+    valid = torch.arange(width, device=new.device)[None] < length[:, None]
+    return ((logp * valid).sum(1) / length).exp()
+
+
+def caption_with_confidence(captioner: Loaded, image: Tensor, cfg: GenerationConfig, prompt: str,
+                            seeds: Sequence[int] | None = None) -> tuple[list[str], list[float]]:
+    """`caption`, and how sure the captioner is of each caption (`token_confidence`)."""
+    embeds = captioner.model.encode_image(image)  # (B, 1+N, Dv)
+    prompt_t = prompt_ids(captioner, prompt, image.shape[0], image.device)
+    new = _new_tokens(captioner, embeds, prompt_t, cfg, seeds)
+    confidence = token_confidence(captioner, embeds, prompt_t, new, cfg.eos_token_id)
+    return _decode(captioner, new, cfg), confidence.float().cpu().tolist()
 
 
 def generation_config(captioner: Loaded, decoding: str, k: int, *, num_beams: int, top_p: float,

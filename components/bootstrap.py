@@ -10,6 +10,8 @@ waits for every part, applies the threshold (`components/bootstrap_merge.py`) an
 bootstrapped manifest. Nucleus captions draw from a generator seeded by (seed, shard, member),
 so they do not depend on batching, ranks or restarts. The fingerprint covers the checkpoints,
 the web manifest and the caption settings, never the threshold: re-thresholding re-uses parts.
+With `synthetic_confidence` set, parts also hold each synthetic caption's confidence (the
+captioner's geometric-mean token probability), and the merge removes the captions below it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from components import bootstrap_merge
 from components.config import BootstrapConfig, ValidationConfig
 from components.distributed import RankInfo, rank_info
 from components.errors import CapfiltError
-from components.batch_inference import (Images, Loaded, PriorBank, autocast, caption, device,
-                                        generation_config, image_ids, image_seed, load_captioner,
+from components.batch_inference import (Images, Loaded, PriorBank, autocast, caption, caption_with_confidence,
+                                        device, generation_config, image_ids, image_seed, load_captioner,
                                         load_filter, prior_bank, text_scores)
 from components.schemas import read_manifest
 from models.generation import GenerationConfig
@@ -40,7 +42,7 @@ from models.generation import GenerationConfig
 log = logging.getLogger(__name__)
 
 PART_COLUMNS = ("kind", "sample_id", "image_key", "caption", "shard", "member", "k", "itm_score", "itc_score",
-                "itm_prior")
+                "itm_prior", "caption_confidence")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def fingerprint(cfg: BootstrapConfig, models: Models) -> str:
     keys = ("captions_per_image", "decoding", "top_p", "repetition_penalty", "num_beams",
             "max_new_tokens", "min_new_tokens", "prompt", "seed", "precision", "prior_images")
     payload = {k: getattr(cfg, k) for k in keys}
+    if cfg.synthetic_confidence is not None:  # parts then carry the captioner's confidence (any bar reuses them)
+        payload["confidence"] = True
     payload.update(text=cfg.text.model_dump(), captioner=models.captioner.digest,
                    filter=models.filter.digest, web=_file_sha(Path(cfg.web_manifest)))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -130,7 +134,11 @@ def _batch_rows(batch: pd.DataFrame, shard: str, cfg: BootstrapConfig, models: M
     seeds = [image_seed(cfg.seed, shard, m) for m in members]
     with torch.inference_mode(), autocast(dev, models.precision):
         cap_in = images.tensor(pil, models.captioner.image_size, dev)
-        synthetic = caption(models.captioner, cap_in, models.generation, cfg.prompt, seeds)
+        if cfg.synthetic_confidence is None:
+            synthetic, confidence = caption(models.captioner, cap_in, models.generation, cfg.prompt, seeds), None
+        else:
+            synthetic, confidence = caption_with_confidence(models.captioner, cap_in, models.generation,
+                                                            cfg.prompt, seeds)
         filt_in = cap_in if models.filter.image_size == models.captioner.image_size else \
             images.tensor(pil, models.filter.image_size, dev)
         position = {m: i for i, m in enumerate(members)}
@@ -141,14 +149,16 @@ def _batch_rows(batch: pd.DataFrame, shard: str, cfg: BootstrapConfig, models: M
                          [*batch["image_key"], *(key for key in firsts["image_key"] for _ in range(k))])
         itm, itc, prior = text_scores(models.filter, filt_in, texts, index, cfg.text, models.bank, keys)
     rows = [dict(kind="web", sample_id=r.sample_id, image_key=r.image_key, caption=r.caption,
-                 shard=shard, member=r.member, k=-1, itm_score=itm[j], itc_score=itc[j], itm_prior=prior[j])
+                 shard=shard, member=r.member, k=-1, itm_score=itm[j], itc_score=itc[j], itm_prior=prior[j],
+                 caption_confidence=float("nan"))
             for j, r in enumerate(batch.itertuples(index=False))]
     n_web = len(batch)
     for j, text in enumerate(synthetic):
         img = firsts.iloc[j // k]
         rows.append(dict(kind="synthetic", sample_id=f"{img.image_key}#syn{j % k}", image_key=img.image_key,
                          caption=text, shard=shard, member=img.member, k=j % k,
-                         itm_score=itm[n_web + j], itc_score=itc[n_web + j], itm_prior=prior[n_web + j]))
+                         itm_score=itm[n_web + j], itc_score=itc[n_web + j], itm_prior=prior[n_web + j],
+                         caption_confidence=float("nan") if confidence is None else confidence[j]))
     return rows
 
 

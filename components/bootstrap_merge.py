@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 
 REMOVED_COLUMNS = ("sample_id", "image_key", "source", "caption", "shard", "member", "itm_score",
                    "itc_score", "reason")
-REMOVAL_REASONS = ("itm_below_threshold", "score_below_threshold", "itc_below_threshold", "empty_caption",
-                   "duplicate")
+REMOVAL_REASONS = ("itm_below_threshold", "score_below_threshold", "itc_below_threshold",
+                   "confidence_below_threshold", "empty_caption", "duplicate")
 SCORE_COLUMNS = ("kind", "sample_id", "image_key", "caption", "shard", "member", "k", "itm_score", "itc_score",
-                 "itm_prior", "filter_score", "reason")
+                 "itm_prior", "caption_confidence", "filter_score", "reason")
 _P_CLIP = 1e-6  # p(match) is clipped to [1e-6, 1 - 1e-6] before its log-odds are taken
 
 
@@ -180,13 +180,15 @@ def resolve_threshold(cfg: BootstrapConfig, human: pd.DataFrame,
 
 def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, signal: str = "itm",
            temp: float = 1.0, weight: float = 0.0, reference: float = 0.0,
-           synthetic_threshold: float | None = None) -> pd.DataFrame:
+           synthetic_threshold: float | None = None, min_confidence: float | None = None) -> pd.DataFrame:
     """`parts` plus `filter_score` (see `filter_scores`; prior-corrected with `weight` > 0 from the
     `itm_prior` column) and `reason`: empty when kept, else one of REMOVAL_REASONS. Synthetic
-    captions face the stricter of `threshold` and `synthetic_threshold` when the latter is given."""
+    captions face the stricter of `threshold` and `synthetic_threshold` when the latter is given,
+    and, with `min_confidence`, need a `caption_confidence` of at least that too."""
     out = parts.copy()
-    if "itm_prior" not in out:
-        out["itm_prior"] = np.nan
+    for column in ("itm_prior", "caption_confidence"):  # parts scored without them
+        if column not in out:
+            out[column] = np.nan
     out["filter_score"] = filter_scores(out["itm_score"].to_numpy(), out["itc_score"].to_numpy(), signal, temp,
                                         out["itm_prior"].to_numpy(dtype=float), weight, reference)
     below = "itm_below_threshold" if signal == "itm" else "score_below_threshold"
@@ -198,6 +200,12 @@ def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, s
         reason = np.where((reason == "") & (out["itc_score"].to_numpy() < itc_threshold),
                           "itc_below_threshold", reason)
     synthetic = (out["kind"] == "synthetic").to_numpy()
+    if min_confidence is not None:
+        if np.isnan(out.loc[synthetic, "caption_confidence"].to_numpy(dtype=float)).any():
+            raise CapfiltError("bootstrap.synthetic_confidence is set but the scored parts hold no caption "
+                               "confidence; delete the parts folder and run again")
+        unsure = synthetic & (out["caption_confidence"].to_numpy(dtype=float) < min_confidence)
+        reason = np.where((reason == "") & unsure, "confidence_below_threshold", reason)
     blank = out["caption"].str.strip().str.len().to_numpy() == 0
     reason = np.where(synthetic & blank, "empty_caption", reason)
     out["reason"] = reason
@@ -274,7 +282,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, calibration: dict[str, Any],
              provenance: dict[str, str], decoding: str, images_per_s: float | None,
              signal: str = "itm", temp: float | None = None,
-             synthetic_threshold: float | None = None) -> dict[str, Any]:
+             synthetic_threshold: float | None = None, min_confidence: float | None = None) -> dict[str, Any]:
     web = decided[decided["kind"] == "web"]
     syn = decided[decided["kind"] == "synthetic"]
     web_kept, syn_kept = int((web["reason"] == "").sum()), int((syn["reason"] == "").sum())
@@ -288,7 +296,7 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
         "removed_by_reason": {str(k): int(v) for k, v in removed["reason"].value_counts().sort_index().items()},
         "signal": signal, "score_threshold": threshold, "itc_temperature": temp,
         "itm_threshold": threshold if signal == "itm" else None, "threshold": calibration,
-        "synthetic_threshold": synthetic_threshold,
+        "synthetic_threshold": synthetic_threshold, "synthetic_confidence": min_confidence,
         "images": int(web["image_key"].nunique()), "images_per_s": images_per_s,
         "decoding": decoding, **provenance,
     }
@@ -306,7 +314,7 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
     threshold, calibration = resolve_threshold(cfg, human, models)
     temp = filter_temperature(models)
     decided = decide(parts, threshold, cfg.itc_threshold, cfg.signal, temp, _weight(cfg),
-                     calibration.get("prior_reference", 0.0), cfg.synthetic_threshold)
+                     calibration.get("prior_reference", 0.0), cfg.synthetic_threshold, cfg.synthetic_confidence)
     provenance = {"captioner": models.captioner.digest, "filter": models.filter.digest}
     manifest, removed = build_tables(web, human, decided, provenance, decoding)
     manifest = validate(manifest, "bootstrapped", where=str(out / "manifest.parquet"))
@@ -320,7 +328,7 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
     scores = decided[list(SCORE_COLUMNS)].reset_index(drop=True)
     atomic.write_with(out / "scores.parquet", lambda tmp: scores.to_parquet(tmp, index=False))
     metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s,
-                       cfg.signal, temp, cfg.synthetic_threshold)
+                       cfg.signal, temp, cfg.synthetic_threshold, cfg.synthetic_confidence)
     write_json(out / "metrics.json", metrics)
     log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (%s threshold %.3f); %d pairs",
              metrics["web_kept"], metrics["web_texts"], metrics["synthetic_kept"],

@@ -401,6 +401,10 @@ class BootstrapConfig(Section):
     # prior-corrected when the prior is on); they face the higher of this and the web texts'
     # threshold, fixed or calibrated; null = the web texts' threshold alone (BLIP).
     synthetic_threshold: float | None = Field(None, ge=0, le=1)
+    # Captioner confidence (our addition): a synthetic caption is also removed when the captioner that
+    # wrote it gives its tokens a geometric-mean probability below this (teacher-forced, prompt
+    # excluded, EOS included; one more decoder pass per caption). null: BLIP's filter alone
+    synthetic_confidence: float | None = Field(None, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)  # images per forward
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     seed: int = 0  # sampling seed; each image draws from (seed, shard, member)

@@ -242,8 +242,10 @@ def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
             scores = pd.read_parquet(root / "scores.parquet")
         except (OSError, ValueError) as exc:
             raise CapfiltError(f"{root / 'scores.parquet'}: unreadable; run the bootstrap stage ({exc})") from None
+        if "caption_confidence" not in scores:  # scored before the captioner's confidence existed
+            scores = scores.assign(caption_confidence=np.nan)
         return scores.rename(columns={"kind": "source", "filter_score": "score"}).assign(
-            kept=scores["reason"] == "")[cols + ["itc_score", "score", "kept"]]
+            kept=scores["reason"] == "")[cols + ["itc_score", "score", "caption_confidence", "kept"]]
     manifest = read_manifest(root / "manifest.parquet", "bootstrapped")
     try:
         removed = pd.read_parquet(root / "removed.parquet")
@@ -251,7 +253,8 @@ def web_decisions(cfg: EvaluateConfig) -> pd.DataFrame:
         raise CapfiltError(f"{root / 'removed.parquet'}: unreadable; run the bootstrap stage ({exc})") from None
     kept = manifest.loc[manifest["source"] != "human", cols].assign(kept=True)
     every = pd.concat([kept, removed[cols].assign(kept=False)], ignore_index=True)
-    return every.assign(itc_score=np.nan, score=every["itm_score"])[cols + ["itc_score", "score", "kept"]]
+    return every.assign(itc_score=np.nan, score=every["itm_score"], caption_confidence=np.nan)[
+        cols + ["itc_score", "score", "caption_confidence", "kept"]]
 
 
 def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dict[str, Any] | None,
@@ -301,6 +304,20 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     if web_scenes is not None and len(syn):
         out["synthetic_kept_wrong_fraction"] = _wrong_fraction(web_scenes, syn)
     out["synthetic_kept"] = len(syn)
+    if web_scenes is not None:
+        out["synthetic_auroc_exact"] = _synthetic_ranking(decisions[decisions["source"] == "synthetic"], web_scenes)
+    return out
+
+
+def _synthetic_ranking(syn: pd.DataFrame, web_scenes: dict[str, Any]) -> dict[str, float | None]:
+    """AUROC of the filter score and of the captioner's confidence for telling the synthetic
+    captions that describe their scene exactly from the others (None where not scored)."""
+    exact = np.array([caption_hits(scene_of(web_scenes, k), c).exact
+                      for k, c in zip(syn["image_key"], syn["caption"], strict=True)], dtype=bool)
+    out: dict[str, float | None] = {}
+    for name, column in (("filter", "score"), ("confidence", "caption_confidence")):
+        values = syn[column].to_numpy(dtype=float) if column in syn else np.full(len(syn), np.nan)
+        out[name] = auroc(values, exact) if len(values) and np.isfinite(values).all() else None
     return out
 
 

@@ -274,6 +274,8 @@ def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
     rows += [(f"auroc: correct vs wrong {a}, {where.get(p, p)}", v)
              for a, split in f.get("auroc_by_presence", {}).items() for p, v in split.items() if v is not None]
     rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
+    rows += [(f"synthetic captions exactly right, auroc of the {k}", v)
+             for k, v in f.get("synthetic_auroc_exact", {}).items() if v is not None]
     return pd.DataFrame(rows, columns=["filter", "value"])
 
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from components import bootstrap, bootstrap_merge
-from components.batch_inference import Images, caption, checkpoint_hash, image_seed, tokenize
+from components import batch_inference, bootstrap, bootstrap_merge
+from components.batch_inference import (Images, caption, caption_with_confidence, checkpoint_hash, image_seed,
+                                        prompt_ids, tokenize)
 from components.config import BootstrapConfig
 from components.distributed import RankInfo
 from components.errors import CapfiltError
@@ -140,6 +141,77 @@ def test_nucleus_captions_do_not_depend_on_the_batch(world, tmp_path):
     assert together == alone and len(together) == 2 * len(pil)
     other = [image_seed(1, "shards/000000.tar", m) for m in rows["member"]]
     assert caption(models.captioner, tensor, models.generation, "a picture of ", other) != together
+
+
+@pytest.mark.parametrize("decoding", ["nucleus", "beam"])
+def test_caption_confidence_is_the_step_decoder_s_own_token_probability(world, tmp_path, decoding):
+    cfg = boot_cfg(world, tmp_path / "out", captions_per_image=2, decoding=decoding, synthetic_confidence=0.5)
+    models = bootstrap.load_models(cfg)
+    web = read_manifest(world.web, "ingested").drop_duplicates("member").head(3)
+    images = Images(world.web.parent)
+    tensor = images.tensor(images.load(web["shard"].tolist(), web["member"].tolist()),
+                           models.captioner.image_size, models.device)
+    images.close()
+    seeds = [image_seed(0, s, m) for s, m in zip(web["shard"], web["member"], strict=True)]
+    gen, cap = models.generation, models.captioner
+    with torch.inference_mode():
+        texts, confidence = caption_with_confidence(cap, tensor, gen, "a picture of ", seeds)
+        assert texts == caption(cap, tensor, gen, "a picture of ", seeds)  # scoring changes no caption
+        decoder, embeds = cap.model.text_decoder, cap.model.encode_image(tensor)
+        prompt = prompt_ids(cap, "a picture of ", len(tensor), tensor.device)
+        new = batch_inference._new_tokens(cap, embeds, prompt, gen, seeds)  # (6, L): the tokens captioned
+        for row in range(len(texts)):  # re-walk each caption token by token through the KV cache
+            image = row // 2
+            logits, cache = decoder.prefill(prompt[image : image + 1], embeds[image : image + 1])
+            logp = []
+            for tok in new[row].tolist():
+                logp.append(torch.log_softmax(logits.float(), -1)[0, tok])
+                if tok == gen.eos_token_id:
+                    break
+                logits, cache = decoder.step(torch.tensor([[tok]]), cache)
+            want = torch.stack(logp).mean().exp().item()
+            assert confidence[row] == pytest.approx(want, rel=1e-4), (row, texts[row])
+    assert all(0.0 < c < 1.0 for c in confidence)
+
+
+def test_decide_removes_synthetic_captions_the_captioner_is_unsure_of():
+    parts = pd.DataFrame({
+        "kind": ["web", "synthetic", "synthetic", "synthetic"], "sample_id": ["a#0", "a#syn0", "b#syn0", "c#syn0"],
+        "image_key": ["a", "a", "b", "c"], "caption": ["a red ring", "a blue bar", "a red bar", "a green ring"],
+        "itm_score": [0.9, 0.9, 0.9, 0.4], "itc_score": [0.1] * 4, "caption_confidence": [np.nan, 0.7, 0.3, 0.9],
+    })
+    got = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=None, min_confidence=0.5)
+    assert got["reason"].tolist() == ["", "", "confidence_below_threshold", "itm_below_threshold"]
+    assert bootstrap_merge.decide(parts, 0.5, None)["reason"].tolist() == ["", "", "", "itm_below_threshold"]
+    with pytest.raises(CapfiltError, match="no caption confidence"):
+        bootstrap_merge.decide(parts.drop(columns="caption_confidence"), 0.5, None, min_confidence=0.5)
+    with pytest.raises(ValueError, match="greater than 0"):
+        BootstrapConfig(synthetic_confidence=0.0)
+
+
+def test_the_confidence_bar_end_to_end_re_uses_parts_across_bars(world, reference, tmp_path):
+    cfg = boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT, synthetic_confidence=0.5)
+    result = bootstrap.run(cfg, lenient_validation(), ONE)
+    scores = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    syn, web = scores[scores["kind"] == "synthetic"], scores[scores["kind"] == "web"]
+    assert syn["caption_confidence"].between(0, 1, inclusive="neither").all() and web["caption_confidence"].isna().all()
+    bar = float(syn["caption_confidence"].median())  # a bar that splits this run's captions
+    parts = list((tmp_path / "out" / "parts").iterdir())
+    again = bootstrap.run(cfg.model_copy(update={"synthetic_confidence": bar}), lenient_validation(), ONE)
+    assert list((tmp_path / "out" / "parts").iterdir()) == parts  # one fingerprint for every bar
+    scores = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    syn = scores[scores["kind"] == "synthetic"]
+    unsure = syn["caption_confidence"] < bar
+    assert unsure.any() and (syn.loc[unsure, "reason"].isin(["confidence_below_threshold", "itm_below_threshold",
+                                                              "empty_caption"])).all()
+    assert (syn.loc[syn["reason"] == "", "caption_confidence"] >= bar).all()
+    assert again.metrics["synthetic_confidence"] == bar and result.metrics["synthetic_confidence"] == 0.5
+    ref_scores = pd.read_parquet(Path(reference[0].out) / "scores.parquet")  # the confidence changes no score
+    merged = ref_scores.merge(scores, on="sample_id", suffixes=("", "_c"))
+    np.testing.assert_allclose(merged["itm_score"], merged["itm_score_c"], rtol=1e-5, atol=1e-6)
+    assert (merged["caption"] == merged["caption_c"]).all()
+    web_kept = lambda df: set(df.loc[(df["kind"] == "web") & (df["reason"] == ""), "sample_id"])  # noqa: E731
+    assert web_kept(scores) == web_kept(ref_scores)  # web texts never face the captioner's confidence
 
 
 def test_decide_threshold_semantics():

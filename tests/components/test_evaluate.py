@@ -67,6 +67,24 @@ def test_per_image_tallies_add_up_to_the_reported_metrics(synth_test):
         assert tally.value(name) == pytest.approx(r[name]), name
 
 
+def test_synthetic_captions_are_ranked_by_filter_and_confidence_against_their_scenes():
+    from components.synth_world import Scene, SceneObject
+
+    scene = Scene("black", (SceneObject("ring", "red", "large", "top left", 0, 0, 10),))
+    truth = pd.DataFrame({"noise": ["correct"]}, index=["w0"])
+    right, wrong = "a large red ring in the top left corner", "a large blue ring in the top left corner"
+    decisions = pd.DataFrame({
+        "image_key": ["images/w0.png"] * 4, "source": ["web", "synthetic", "synthetic", "synthetic"],
+        "caption": ["red ring", right, wrong, wrong], "itm_score": 0.9, "score": [0.9, 0.5, 0.7, 0.4],
+        "caption_confidence": [np.nan, 0.9, 0.2, 0.1], "kept": True})
+    f = evaluate.filter_quality(decisions, truth, {"w0": scene})
+    assert f["synthetic_auroc_exact"] == {"filter": 0.5, "confidence": 1.0}  # 0.5 vs (0.7, 0.4); 0.9 vs both
+    assert f["synthetic_kept_wrong_fraction"] == pytest.approx(2 / 3)
+    f = evaluate.filter_quality(decisions.assign(caption_confidence=np.nan), truth, {"w0": scene})
+    assert f["synthetic_auroc_exact"]["confidence"] is None  # not scored: not made up
+    assert "synthetic_auroc_exact" not in evaluate.filter_quality(decisions, truth, None)  # no scenes
+
+
 def test_simple_tokens_stand_in_for_ptb():
     assert evaluate.simple_tokens("A Red-ring, at the TOP.") == "a red ring at the top"
 

@@ -70,19 +70,22 @@ def caption_scores(captions: dict[str, str], refs: dict[str, list[str]],
 
 def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
                      tally: Tally | None = None) -> dict[str, float]:
-    """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy; `tally`
-    gets each image's attribute hits over its objects and its exactness (in the order of `captions`)."""
-    s = score_captions(scenes, captions.items())
-    per = {a: getattr(s, a) for a in ATTRIBUTES}
+    """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy, as
+    `score_captions` counts them; `tally` gets each image's attribute hits over its objects and
+    its exactness (in the order of `captions`)."""
+    hits = [caption_hits(scene_of(scenes, k), c) for k, c in captions.items()]
+    if not hits:
+        raise CapfiltError("no captions to score")
+    objects = np.array([h.objects for h in hits])
+    table = np.array([h.hits for h in hits], dtype=np.float64)  # (N, 4) right per attribute
+    exact = np.array([h.exact for h in hits], dtype=np.float64)
+    per = dict(zip(ATTRIBUTES, table.sum(axis=0) / objects.sum(), strict=True))
     if tally is not None:
-        hits = [caption_hits(scene_of(scenes, k), c) for k, c in captions.items()]
-        objects = np.array([h.objects for h in hits])
-        table = np.array([h.hits for h in hits], dtype=np.float64)  # (N, 4)
         tally.add("attribute_accuracy", table.mean(axis=1), objects)  # mean of 4 ratios, one denominator
-        tally.add("strict_accuracy", np.array([h.exact for h in hits]))
+        tally.add("strict_accuracy", exact)
         for k, a in enumerate(ATTRIBUTES):
             tally.add(f"{a}_accuracy", table[:, k], objects)
-    return {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": s.strict,
+    return {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": float(exact.mean()),
             **{f"{a}_accuracy": float(v) for a, v in per.items()}}
 
 

@@ -56,6 +56,12 @@ def test_per_image_tallies_add_up_to_the_reported_metrics(synth_test):
     tally = Tally()
     metrics = {**evaluate.caption_scores(mixed, refs, tally), **evaluate.attribute_scores(mixed, scenes, tally)}
     assert 0.0 < metrics["strict_accuracy"] < 1.0
+    from components.synth_score import score_captions
+
+    counted = score_captions(scenes, mixed.items())  # the scorer's own totals
+    assert metrics["strict_accuracy"] == pytest.approx(counted.strict)
+    assert [metrics[f"{a}_accuracy"] for a in ("shape", "colour", "size", "position")] == pytest.approx(
+        [counted.shape, counted.colour, counted.size, counted.position])
     for name in ("cider", "attribute_accuracy", "strict_accuracy", "shape_accuracy", "position_accuracy"):
         assert tally.value(name) == pytest.approx(metrics[name]), name
         assert len(tally.parts[name][0]) == len(keys)

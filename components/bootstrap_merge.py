@@ -180,11 +180,11 @@ def resolve_threshold(cfg: BootstrapConfig, human: pd.DataFrame,
 
 def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, signal: str = "itm",
            temp: float = 1.0, weight: float = 0.0, reference: float = 0.0,
-           synthetic_threshold: float | None = None, min_confidence: float | None = None) -> pd.DataFrame:
+           synthetic_threshold: float | None = None, synthetic_confidence: float | None = None) -> pd.DataFrame:
     """`parts` plus `filter_score` (see `filter_scores`; prior-corrected with `weight` > 0 from the
     `itm_prior` column) and `reason`: empty when kept, else one of REMOVAL_REASONS. Synthetic
     captions face the stricter of `threshold` and `synthetic_threshold` when the latter is given,
-    and, with `min_confidence`, need a `caption_confidence` of at least that too."""
+    and, with `synthetic_confidence`, need a `caption_confidence` of at least that too."""
     out = parts.copy()
     for column in ("itm_prior", "caption_confidence"):  # parts scored without them
         if column not in out:
@@ -200,11 +200,11 @@ def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, s
         reason = np.where((reason == "") & (out["itc_score"].to_numpy() < itc_threshold),
                           "itc_below_threshold", reason)
     synthetic = (out["kind"] == "synthetic").to_numpy()
-    if min_confidence is not None:
+    if synthetic_confidence is not None:
         if np.isnan(out.loc[synthetic, "caption_confidence"].to_numpy(dtype=float)).any():
             raise CapfiltError("bootstrap.synthetic_confidence is set but the scored parts hold no caption "
                                "confidence; delete the parts folder and run again")
-        unsure = synthetic & (out["caption_confidence"].to_numpy(dtype=float) < min_confidence)
+        unsure = synthetic & (out["caption_confidence"].to_numpy(dtype=float) < synthetic_confidence)
         reason = np.where((reason == "") & unsure, "confidence_below_threshold", reason)
     blank = out["caption"].str.strip().str.len().to_numpy() == 0
     reason = np.where(synthetic & blank, "empty_caption", reason)
@@ -282,7 +282,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, calibration: dict[str, Any],
              provenance: dict[str, str], decoding: str, images_per_s: float | None,
              signal: str = "itm", temp: float | None = None,
-             synthetic_threshold: float | None = None, min_confidence: float | None = None) -> dict[str, Any]:
+             synthetic_threshold: float | None = None, synthetic_confidence: float | None = None) -> dict[str, Any]:
     web = decided[decided["kind"] == "web"]
     syn = decided[decided["kind"] == "synthetic"]
     web_kept, syn_kept = int((web["reason"] == "").sum()), int((syn["reason"] == "").sum())
@@ -296,7 +296,7 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
         "removed_by_reason": {str(k): int(v) for k, v in removed["reason"].value_counts().sort_index().items()},
         "signal": signal, "score_threshold": threshold, "itc_temperature": temp,
         "itm_threshold": threshold if signal == "itm" else None, "threshold": calibration,
-        "synthetic_threshold": synthetic_threshold, "synthetic_confidence": min_confidence,
+        "synthetic_threshold": synthetic_threshold, "synthetic_confidence": synthetic_confidence,
         "images": int(web["image_key"].nunique()), "images_per_s": images_per_s,
         "decoding": decoding, **provenance,
     }

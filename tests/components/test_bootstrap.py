@@ -180,11 +180,11 @@ def test_decide_removes_synthetic_captions_the_captioner_is_unsure_of():
         "image_key": ["a", "a", "b", "c"], "caption": ["a red ring", "a blue bar", "a red bar", "a green ring"],
         "itm_score": [0.9, 0.9, 0.9, 0.4], "itc_score": [0.1] * 4, "caption_confidence": [np.nan, 0.7, 0.3, 0.9],
     })
-    got = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=None, min_confidence=0.5)
+    got = bootstrap_merge.decide(parts, threshold=0.5, itc_threshold=None, synthetic_confidence=0.5)
     assert got["reason"].tolist() == ["", "", "confidence_below_threshold", "itm_below_threshold"]
     assert bootstrap_merge.decide(parts, 0.5, None)["reason"].tolist() == ["", "", "", "itm_below_threshold"]
     with pytest.raises(CapfiltError, match="no caption confidence"):
-        bootstrap_merge.decide(parts.drop(columns="caption_confidence"), 0.5, None, min_confidence=0.5)
+        bootstrap_merge.decide(parts.drop(columns="caption_confidence"), 0.5, None, synthetic_confidence=0.5)
     with pytest.raises(ValueError, match="greater than 0"):
         BootstrapConfig(synthetic_confidence=0.0)
 

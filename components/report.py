@@ -227,8 +227,12 @@ def _thumb(reader: ShardReader, shard: str, member: str) -> str:
 
 def _line(row: Any, label: str) -> str:
     cls = "kept" if row.kept else "removed"
+    scores = f"{row.itm_score:.2f}"
+    confidence = float(getattr(row, "caption_confidence", float("nan")))
+    if math.isfinite(confidence):  # scored with bootstrap.synthetic_confidence
+        scores += f", confidence {confidence:.2f}"
     return (f'<div><b>{label}</b> <span class="{cls}">{html.escape(str(row.caption))}</span> '
-            f"({row.itm_score:.2f})</div>")
+            f"({scores})</div>")
 
 
 def grid_html(decisions: pd.DataFrame, keys: list[str], root: Path) -> str:
@@ -303,7 +307,7 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
     parts += [f'<div class="plots">{imgs}</div>']
     if grid:
         parts += ["<h2>Web images: web text (struck through when removed), synthetic caption, "
-                  "ITM score</h2>", grid]
+                  "ITM score (and the captioner's confidence, when scored)</h2>", grid]
     return "".join(parts) + "</body></html>\n"
 
 

@@ -278,3 +278,15 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
         if text in page:  # every removed web text on the page is struck through
             assert f'<span class="removed">{text}</span>' in page
     assert 'class="removed"' in page and 'class="kept"' in page  # SPLIT keeps some, removes some
+
+
+def test_report_cards_show_the_captioner_s_confidence_only_when_scored():
+    from types import SimpleNamespace
+
+    from components import report
+
+    row = SimpleNamespace(kept=False, caption="a <red> ring", itm_score=0.91, caption_confidence=0.42)
+    line = report._line(row, "synthetic")
+    assert '<span class="removed">a &lt;red&gt; ring</span> (0.91, confidence 0.42)' in line
+    assert "confidence" not in report._line(SimpleNamespace(**{**vars(row), "caption_confidence": np.nan}), "web")
+    assert "confidence" not in report._line(SimpleNamespace(kept=True, caption="x", itm_score=0.5), "web")

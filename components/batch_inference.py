@@ -304,9 +304,7 @@ def _decode(captioner: Loaded, new: Tensor, cfg: GenerationConfig) -> list[str]:
 def caption(captioner: Loaded, image: Tensor, cfg: GenerationConfig, prompt: str,
             seeds: Sequence[int] | None = None) -> list[str]:
     """K captions per image (image-major), prompt stripped. Nucleus needs one seed per image."""
-    embeds = captioner.model.encode_image(image)  # (B, 1+N, Dv)
-    prompt_t = prompt_ids(captioner, prompt, image.shape[0], image.device)
-    return _decode(captioner, _new_tokens(captioner, embeds, prompt_t, cfg, seeds), cfg)
+    return caption_with_confidence(captioner, image, cfg, prompt, seeds, score=False)[0]
 
 
 def token_confidence(captioner: Loaded, embeds: Tensor, prompt_t: Tensor, new: Tensor, eos: int) -> Tensor:
@@ -328,11 +326,14 @@ def token_confidence(captioner: Loaded, embeds: Tensor, prompt_t: Tensor, new: T
 
 
 def caption_with_confidence(captioner: Loaded, image: Tensor, cfg: GenerationConfig, prompt: str,
-                            seeds: Sequence[int] | None = None) -> tuple[list[str], list[float]]:
-    """`caption`, and how sure the captioner is of each caption (`token_confidence`)."""
+                            seeds: Sequence[int] | None = None,
+                            score: bool = True) -> tuple[list[str], list[float] | None]:
+    """`caption`, and how sure the captioner is of each caption (`token_confidence`; None unless `score`)."""
     embeds = captioner.model.encode_image(image)  # (B, 1+N, Dv)
     prompt_t = prompt_ids(captioner, prompt, image.shape[0], image.device)
     new = _new_tokens(captioner, embeds, prompt_t, cfg, seeds)
+    if not score:
+        return _decode(captioner, new, cfg), None
     confidence = token_confidence(captioner, embeds, prompt_t, new, cfg.eos_token_id)
     return _decode(captioner, new, cfg), confidence.float().cpu().tolist()
 

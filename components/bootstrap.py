@@ -33,8 +33,8 @@ from components import bootstrap_merge
 from components.config import BootstrapConfig, ValidationConfig
 from components.distributed import RankInfo, rank_info
 from components.errors import CapfiltError
-from components.batch_inference import (Images, Loaded, PriorBank, autocast, caption, caption_with_confidence,
-                                        device, generation_config, image_ids, image_seed, load_captioner,
+from components.batch_inference import (Images, Loaded, PriorBank, autocast, caption_with_confidence, device,
+                                        generation_config, image_ids, image_seed, load_captioner,
                                         load_filter, prior_bank, text_scores)
 from components.schemas import read_manifest
 from models.generation import GenerationConfig
@@ -134,11 +134,8 @@ def _batch_rows(batch: pd.DataFrame, shard: str, cfg: BootstrapConfig, models: M
     seeds = [image_seed(cfg.seed, shard, m) for m in members]
     with torch.inference_mode(), autocast(dev, models.precision):
         cap_in = images.tensor(pil, models.captioner.image_size, dev)
-        if cfg.synthetic_confidence is None:
-            synthetic, confidence = caption(models.captioner, cap_in, models.generation, cfg.prompt, seeds), None
-        else:
-            synthetic, confidence = caption_with_confidence(models.captioner, cap_in, models.generation,
-                                                            cfg.prompt, seeds)
+        synthetic, confidence = caption_with_confidence(models.captioner, cap_in, models.generation, cfg.prompt,
+                                                        seeds, score=cfg.synthetic_confidence is not None)
         filt_in = cap_in if models.filter.image_size == models.captioner.image_size else \
             images.tensor(pil, models.filter.image_size, dev)
         position = {m: i for i, m in enumerate(members)}

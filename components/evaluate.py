@@ -303,20 +303,26 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
         "kept_fraction": float(web["kept"].mean()),
         "kept_fraction_by_kind": {k: float(g["kept"].mean()) for k, g in web.groupby("noise")},
     }
-    syn = decisions[(decisions["source"] == "synthetic") & decisions["kept"]]
-    if web_scenes is not None and len(syn):
-        out["synthetic_kept_wrong_fraction"] = _wrong_fraction(web_scenes, syn)
-    out["synthetic_kept"] = len(syn)
+    syn = decisions[decisions["source"] == "synthetic"]
+    kept = syn["kept"].to_numpy(dtype=bool)
+    out["synthetic_kept"] = int(kept.sum())
     if web_scenes is not None:
-        out["synthetic_auroc_exact"] = _synthetic_ranking(decisions[decisions["source"] == "synthetic"], web_scenes)
+        exact = _exact(web_scenes, syn)  # each synthetic caption scored once, for both figures
+        if kept.any():
+            out["synthetic_kept_wrong_fraction"] = float(1.0 - exact[kept].mean())
+        out["synthetic_auroc_exact"] = _synthetic_ranking(syn, exact)
     return out
 
 
-def _synthetic_ranking(syn: pd.DataFrame, web_scenes: dict[str, Any]) -> dict[str, float | None]:
+def _exact(web_scenes: dict[str, Any], rows: pd.DataFrame) -> np.ndarray:
+    """(N,) whether each of `rows` (image_key, caption) describes its scene exactly."""
+    return np.array([caption_hits(scene_of(web_scenes, k), c).exact
+                     for k, c in zip(rows["image_key"], rows["caption"], strict=True)], dtype=bool)
+
+
+def _synthetic_ranking(syn: pd.DataFrame, exact: np.ndarray) -> dict[str, float | None]:
     """AUROC of the filter score and of the captioner's confidence for telling the synthetic
-    captions that describe their scene exactly from the others (None where not scored)."""
-    exact = np.array([caption_hits(scene_of(web_scenes, k), c).exact
-                      for k, c in zip(syn["image_key"], syn["caption"], strict=True)], dtype=bool)
+    captions that describe their scene exactly (`exact`) from the others (None where not scored)."""
     out: dict[str, float | None] = {}
     for name, column in (("filter", "score"), ("confidence", "caption_confidence")):
         values = syn[column].to_numpy(dtype=float) if column in syn else np.full(len(syn), np.nan)

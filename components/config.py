@@ -405,6 +405,12 @@ class BootstrapConfig(Section):
     # wrote it gives its tokens a geometric-mean probability below this (teacher-forced, prompt
     # excluded, EOS included; one more decoder pass per caption). null: BLIP's filter alone
     synthetic_confidence: float | None = Field(None, gt=0, lt=1)
+    # Filter check (our addition): before the pass, the filter scores held-out human pairs (as for
+    # the calibration) and the same texts on other images; the stage stops when the AUROC of its
+    # score over the two is below this (a filter that did not learn keeps and drops at random).
+    # null: no check
+    min_filter_auroc: float | None = Field(None, ge=0, le=1)
+    filter_check_pairs: int = Field(500, ge=2)  # human pairs the check scores (and as many mismatched)
     batch_size: int = Field(64, ge=1)  # images per forward
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     seed: int = 0  # sampling seed; each image draws from (seed, shard, member)

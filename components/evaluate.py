@@ -38,7 +38,7 @@ from components.bootstrap_merge import filter_scores, write_json
 from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
-from components.significance import Tally, paired_intervals
+from components.significance import Tally, auroc, paired_intervals
 from components.synth_score import ATTRIBUTES, caption_hits, scene_of, score_captions
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,6 @@ def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, text_image: np.nda
             tally.add(f"i2t_r{k}", i2t_rank < k)
             tally.add(f"t2i_r{k}", np.bincount(text_image, weights=t2i_rank < k, minlength=n_img), texts)
     return out
-
-
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); NaN without both classes."""
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(scores).rank(method="average").to_numpy()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _topk_itm(filt: Loaded, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,

@@ -13,6 +13,8 @@ counts and a brevity penalty over the whole set), not a per-image mean: it gets 
 This measures test-set sampling only. Training the same round twice moves the scores too (README:
 one re-training moves attribute accuracy by ~0.007); an interval that excludes 0 says the two
 models differ on this kind of image, not that every re-run of the pipeline would.
+
+`auroc`, the ranking statistic the bootstrap's filter check and the evaluation share, lives here too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from components.errors import CapfiltError
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); NaN without both classes."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(scores).rank(method="average").to_numpy()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @dataclass

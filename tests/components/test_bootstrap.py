@@ -416,6 +416,56 @@ def test_calibrated_threshold_keeps_the_human_pairs(world, tmp_path):
     assert len(bootstrap_merge.calibration_pairs(val, cfg)[0]) == 4  # a val split wins
 
 
+def test_mismatched_pairs_put_every_caption_on_an_image_it_does_not_describe(world):
+    human = read_manifest(world.human, "ingested")  # captions repeat across images here
+    moved = bootstrap_merge.mismatched_pairs(human, human, seed=0)
+    own = set(zip(human["image_key"], human["caption"]))
+    assert 0 < len(moved) < len(human)
+    assert not set(zip(moved["image_key"], moved["caption"])) & own
+    assert set(moved["caption"]) <= set(human["caption"])
+
+
+def _oracle_scores(world):
+    """pair_scores that give p(match) 0.9 to a manifest pair of the human set and 0.1 to any other."""
+    human = read_manifest(world.human, "ingested")
+    own = set(zip(human["image_key"], human["caption"]))
+
+    def scores(pairs, root, models, cfg):
+        itm = np.array([0.9 if p in own else 0.1 for p in zip(pairs["image_key"], pairs["caption"])])
+        return itm, np.zeros(len(pairs)), np.full(len(pairs), np.nan)
+    return scores
+
+
+def test_a_filter_that_cannot_tell_pairs_apart_stops_the_stage_before_any_image(world, tmp_path, monkeypatch):
+    cfg = boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT, min_filter_auroc=0.99)
+    models = bootstrap.load_models(cfg)
+    human = read_manifest(world.human, "ingested")
+    monkeypatch.setattr(bootstrap, "process_shard", lambda *a, **k: pytest.fail("scored a shard"))
+    with pytest.raises(CapfiltError, match=r"does not tell human pairs .*AUROC 0\.\d{3}.*min_filter_auroc is 0\.99"):
+        bootstrap.run(cfg, lenient_validation(), ONE, models)
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+    # a random filter's AUROC is what the error quotes: neither separable nor exactly 0.5
+    info = bootstrap_merge.filter_check(cfg.model_copy(update={"min_filter_auroc": 0.0}), human, models)
+    assert 0.0 < info["auroc"] < 0.99 and info["matched"] == len(human) and 0 < info["mismatched"] < len(human)
+    assert bootstrap_merge.filter_check(cfg.model_copy(update={"min_filter_auroc": None}), human, models) is None
+
+
+def test_a_filter_that_separates_pairs_passes_the_check_and_it_is_recorded(world, tmp_path, monkeypatch):
+    cfg = boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT, min_filter_auroc=0.99)
+    fake = _oracle_scores(world)
+    checked = []
+
+    def pair_scores(pairs, root, models, c):
+        checked.append(len(pairs))
+        return fake(pairs, root, models, c)
+    monkeypatch.setattr(bootstrap_merge, "pair_scores", pair_scores)
+    result = bootstrap.run(cfg, lenient_validation(), ONE)  # a fixed threshold: only the check scores pairs
+    check = result.metrics["filter_check"]
+    assert check["auroc"] == 1.0 and check["min_auroc"] == 0.99 and check["matched"] == 12
+    assert checked == [12 + check["mismatched"]]  # one pass over both sets
+    assert yaml.safe_load((tmp_path / "out" / "metrics.json").read_text())["filter_check"] == check
+
+
 def test_bad_checkpoints_are_named(world, tmp_path):
     with pytest.raises(CapfiltError, match="nowhere"):
         bootstrap.load_models(boot_cfg(world, tmp_path, captioner=str(tmp_path / "nowhere")))

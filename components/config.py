@@ -52,7 +52,7 @@ class SynthConfig(Section):
     image_size: int = Field(64, ge=32, le=1024, multiple_of=2)  # square; 2×2 position grid
     n_human: int = Field(1000, ge=1)  # images in the human (COCO-style) set
     captions_per_image: int = Field(5, ge=1, le=20)
-    n_web: int = Field(4000, ge=1)  # images in the noisy web set, one text each
+    n_web: int = Field(8000, ge=1)  # images in the noisy web set, one text each
     n_test: int = Field(300, ge=1)  # held-out images with reference captions
     max_objects: int = Field(3, ge=1, le=4)  # one object per quadrant at most
     duplicate_prob: float = Field(0.2, ge=0, le=1)  # an object repeats an earlier one: "two ..."

@@ -444,7 +444,7 @@ def test_a_filter_that_cannot_tell_pairs_apart_stops_the_stage_before_any_image(
     with pytest.raises(CapfiltError, match=r"does not tell human pairs .*AUROC 0\.\d{3}.*min_filter_auroc is 0\.99"):
         bootstrap.run(cfg, lenient_validation(), ONE, models)
     assert not list((tmp_path / "out").rglob("*.parquet"))
-    # a random filter's AUROC is what the error quotes: neither separable nor exactly 0.5
+    # the random filter's AUROC, under the bar that stopped it
     info = bootstrap_merge.filter_check(cfg.model_copy(update={"min_filter_auroc": 0.0}), human, models)
     assert 0.0 < info["auroc"] < 0.99 and info["matched"] == len(human) and 0 < info["mismatched"] < len(human)
     assert bootstrap_merge.filter_check(cfg.model_copy(update={"min_filter_auroc": None}), human, models) is None
@@ -464,6 +464,14 @@ def test_a_filter_that_separates_pairs_passes_the_check_and_it_is_recorded(world
     assert check["auroc"] == 1.0 and check["min_auroc"] == 0.99 and check["matched"] == 12
     assert checked == [12 + check["mismatched"]]  # one pass over both sets
     assert yaml.safe_load((tmp_path / "out" / "metrics.json").read_text())["filter_check"] == check
+
+
+def test_the_filter_check_scores_at_most_filter_check_pairs(world, monkeypatch):
+    monkeypatch.setattr(bootstrap_merge, "pair_scores", _oracle_scores(world))
+    cfg = boot_cfg(world, world.root / "unused", min_filter_auroc=0.99, filter_check_pairs=4)
+    info = bootstrap_merge.filter_check(cfg, read_manifest(world.human, "ingested"), bootstrap.load_models(cfg))
+    assert info["matched"] == 4 and info["mismatched"] <= 4 and info["pairs"].startswith("4 of the ")
+    assert info["auroc"] == 1.0
 
 
 def test_bad_checkpoints_are_named(world, tmp_path):

@@ -241,7 +241,8 @@ def run(cfg: BootstrapConfig, validation: ValidationConfig, rank: RankInfo | Non
     parts_dir.mkdir(parents=True, exist_ok=True)
     log.info("bootstrap rank %d/%d: %d web texts, captioner %s, filter %s, %s", rank.rank,
              rank.world_size, len(web), models.captioner.digest, models.filter.digest, decoding_label(cfg))
-    check = bootstrap_merge.filter_check(cfg, read_manifest(Path(cfg.human_manifest), "ingested"), models)
+    human = read_manifest(Path(cfg.human_manifest), "ingested")
+    check = bootstrap_merge.filter_check(cfg, human, models)
     work = score_shards(cfg, web, models, parts_dir, rank)
     if rank.rank != 0:
         return None
@@ -249,4 +250,5 @@ def run(cfg: BootstrapConfig, validation: ValidationConfig, rank: RankInfo | Non
     _wait_for_parts(parts_dir, shards, cfg.merge_timeout_s)
     parts = pd.concat([pd.read_parquet(part_path(parts_dir, s)) for s in shards], ignore_index=True)
     bootstrap_merge.drop_stale_parts(parts_dir)
-    return bootstrap_merge.merge(cfg, validation, web, parts, models, decoding_label(cfg), work.images_per_s, check)
+    return bootstrap_merge.merge(cfg, validation, web, parts, models, decoding_label(cfg), work.images_per_s,
+                                 check, human)

@@ -89,9 +89,16 @@ def mismatched_pairs(pairs: pd.DataFrame, known: pd.DataFrame, seed: int) -> pd.
     new caption is one of its image's own in `known` (any manifest of pairs) is dropped."""
     order = np.random.default_rng(seed).permutation(len(pairs))
     moved = pairs.assign(caption=pairs["caption"].to_numpy()[order])
-    own = pd.MultiIndex.from_arrays([known["image_key"], known["caption"].str.strip().str.lower()])
-    mine = pd.MultiIndex.from_arrays([moved["image_key"], moved["caption"].str.strip().str.lower()])
-    return moved[~mine.isin(own)]
+    return moved[~_image_texts(moved).isin(_image_texts(known))]
+
+
+def _normalised(captions: pd.Series) -> pd.Series:
+    """Captions as compared for sameness: stripped, lower-case."""
+    return captions.str.strip().str.lower()
+
+
+def _image_texts(rows: pd.DataFrame) -> pd.MultiIndex:
+    return pd.MultiIndex.from_arrays([rows["image_key"], _normalised(rows["caption"])])
 
 
 def filter_check(cfg: BootstrapConfig, human: pd.DataFrame, models: Models) -> dict[str, Any] | None:
@@ -259,7 +266,7 @@ def decide(parts: pd.DataFrame, threshold: float, itc_threshold: float | None, s
     out["reason"] = reason
     # a synthetic caption that repeats a kept text of its image adds nothing: web rows win
     kept = out[out["reason"] == ""]
-    norm = kept["caption"].str.strip().str.lower()
+    norm = _normalised(kept["caption"])
     order = kept.assign(_n=norm, _w=(kept["kind"] == "synthetic").astype(int)).sort_values("_w", kind="stable")
     dup = order.duplicated(subset=["image_key", "_n"]) & (order["kind"] == "synthetic")
     out.loc[dup[dup].index, "reason"] = "duplicate"
@@ -352,15 +359,17 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
 
 def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame, parts: pd.DataFrame,
           models: Models, decoding: str, images_per_s: float | None,
-          check: dict[str, Any] | None = None) -> BootstrapResult:
+          check: dict[str, Any] | None = None, human: pd.DataFrame | None = None) -> BootstrapResult:
     """Threshold the parts, write manifest.parquet, removed.parquet, shards/ and metrics.json
-    (with `check`, the `filter_check` result, as its `filter_check`)."""
+    (with `check`, the `filter_check` result, as its `filter_check`); `human`: the human manifest
+    when the caller has read it already."""
     out = Path(cfg.out)
     scored = set(parts.loc[parts["kind"] == "web", "sample_id"])
     if scored != set(web["sample_id"]) or parts["sample_id"].duplicated().any():
         raise CapfiltError(f"{out / 'parts'}: the parts do not cover {cfg.web_manifest} exactly once; "
                            "delete the parts folder and run again")
-    human = read_manifest(Path(cfg.human_manifest), "ingested")
+    if human is None:
+        human = read_manifest(Path(cfg.human_manifest), "ingested")
     threshold, calibration = resolve_threshold(cfg, human, models)
     temp = filter_temperature(models)
     decided = decide(parts, threshold, cfg.itc_threshold, cfg.signal, temp, _weight(cfg),

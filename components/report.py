@@ -6,7 +6,8 @@ ground truth is known). `report.html` is one self-contained page: inline CSS, ev
 base64 PNG, no script or external resource. It shows the headline table, the filter's quality,
 both plots, and a grid of web images with their web text (struck through when the filter removed
 it), their synthetic caption(s), scores and, when known, the noise kind. Rounds 3.. (the rounds
-stage) become extra columns and bars; the CapFilt ablation, when run, a table and a bar chart.
+stage) become extra columns and bars; the CapFilt ablation, when run, a table and the same two
+panels as the rounds' plot (scores; changes against no CapFilt).
 """
 
 from __future__ import annotations
@@ -96,81 +97,72 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plot_bars(metrics: list[str], series: dict[str, list[float]], title: str) -> bytes:
-    """Grouped bars: one group per metric, one bar per series (label -> a value per metric)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    x = np.arange(len(metrics))
-    width = 0.8 / max(1, len(series))
-    for i, (label, values) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
-    ax.set_xticks(x, metrics, rotation=30, ha="right")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    data = _png(fig)
-    plt.close(fig)
-    return data
-
-
 def plot_rounds(table: pd.DataFrame) -> bytes:
-    """Two panels: each round's scores (metrics on a 0-1 scale; CIDEr, which is not, in the title),
-    and every later round's change against round 1 per metric, labelled — the differences are a
-    few hundredths, invisible on bars of height ~0.9."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Each round's scores and every later round's change against round 1 (`plot_changes`), with
+    round 2's interval over resampled test images as whiskers when the table has one."""
     rounds = [c for c in table.columns if c.startswith("round")]
-    has_interval = "gain_low" in table.columns
     labels = {"round1": "round 1 (noisy web)", "round2": "round 2 (bootstrapped)"}
     names = [labels.get(r, f"round {r[5:]}") for r in rounds]
+    return plot_changes(table, rounds, names, "round 1", interval_of="round2")
+
+
+def plot_changes(table: pd.DataFrame, columns: list[str], names: list[str], reference: str,
+                 interval_of: str | None = None) -> bytes:
+    """Two panels for one row per metric and one column per series (`columns`, shown as `names`;
+    the first is the reference): every series' scores (metrics on a 0-1 scale; those that are not,
+    CIDEr, in the title), and every other series' change against the first per metric, labelled -
+    the differences are a few hundredths, invisible on bars of height ~0.9. `interval_of` names
+    the series whose change the table's `gain_low` / `gain_high` bound (drawn as whiskers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_interval = interval_of is not None and "gain_low" in table.columns
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    values = table[rounds].to_numpy(dtype=float)
+    values = table[columns].to_numpy(dtype=float)
     unit = table[(np.isnan(values) | (np.abs(values) <= 1.0)).all(axis=1)]
     wide = table[~table.index.isin(unit.index)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
+    tall = 4 + 0.8 * max(0, len(columns) - 3)  # room for each change's label
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, tall), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(unit))
-    width = 0.8 / max(1, len(rounds))
-    for i, (r, name) in enumerate(zip(rounds, names, strict=True)):
-        left.bar(x + (i - (len(rounds) - 1) / 2) * width, unit[r], width, label=name, color=colours[i % len(colours)])
+    width = 0.8 / max(1, len(columns))
+    for i, (c, name) in enumerate(zip(columns, names, strict=True)):
+        left.bar(x + (i - (len(columns) - 1) / 2) * width, unit[c], width, label=name, color=colours[i % len(colours)])
     left.set_xticks(x, unit["metric"].tolist(), rotation=30, ha="right")
     left.set_ylim(0, 1.05)
     extra = "; ".join(f"{m}: " + " → ".join(f"{v:.3f}" for v in row) for m, row in
-                      zip(wide["metric"], wide[rounds].to_numpy(), strict=True))
+                      zip(wide["metric"], wide[columns].to_numpy(), strict=True))
     left.set_title("test set" + (f" ({extra})" if extra else ""), fontsize=10)
-    later = rounds[1:]
+    base, later = columns[0], columns[1:]
     y = np.arange(len(table))
     height = 0.8 / max(1, len(later))
-    for i, r in enumerate(later):
-        delta = (table[r] - table["round1"]).to_numpy(dtype=float)
+    for i, c in enumerate(later):
+        delta = (table[c] - table[base]).to_numpy(dtype=float)
         pos = y + (i - (len(later) - 1) / 2) * height
         err = None
-        if has_interval and r == "round2":  # the interval is of round 2's gain
-            low, high = (table[c].to_numpy(dtype=float) for c in ("gain_low", "gain_high"))
+        if has_interval and c == interval_of:
+            low, high = (table[k].to_numpy(dtype=float) for k in ("gain_low", "gain_high"))
             err = np.nan_to_num(np.vstack([delta - low, high - delta]))  # (2, M) below / above the bar's end
         right.barh(pos, delta, height, xerr=err, capsize=3, color=colours[(i + 1) % len(colours)],
                    label=names[i + 1], error_kw={"elinewidth": 0.8, "ecolor": "#444"})
         for p, d in zip(pos, delta, strict=True):
             right.annotate(f"{d:+.3f}", (d, p), xytext=(3 if d >= 0 else -3, 0 if err is None else -7),
-                           textcoords="offset points", ha="left" if d >= 0 else "right", va="center", fontsize=8)
+                           textcoords="offset points", ha="left" if d >= 0 else "right", va="center",
+                           fontsize=8 if len(later) < 3 else 6)
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(y, table["metric"].tolist())
     right.invert_yaxis()
-    deltas = np.abs(table[later].to_numpy(dtype=float) - table[["round1"]].to_numpy(dtype=float))
+    deltas = np.abs(table[later].to_numpy(dtype=float) - table[[base]].to_numpy(dtype=float))
     if has_interval:
         deltas = np.hstack([deltas, np.abs(table[["gain_low", "gain_high"]].to_numpy(dtype=float))])
     span = float(np.nanmax(deltas)) if np.isfinite(deltas).any() else 0.0
     right.set_xlim(-1.35 * span - 1e-9, 1.35 * span + 1e-9)
-    title = "change against round 1 (right of 0: better)"
+    title = f"change against {reference} (right of 0: better)"
     if has_interval:
-        title += "\nwhiskers: round 2's interval over resampled test images"
+        title += f"\nwhiskers: {names[columns.index(interval_of)]}'s interval over resampled test images"
     right.set_title(title, fontsize=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i % len(colours)]) for i in range(len(rounds))]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i % len(colours)]) for i in range(len(columns))]
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     data = _png(fig)
@@ -178,10 +170,19 @@ def plot_rounds(table: pd.DataFrame) -> bytes:
     return data
 
 
-def plot_ablation(table: pd.DataFrame) -> bytes:
+def ablation_by_metric(table: pd.DataFrame) -> pd.DataFrame:
+    """`ablation_table` turned for `plot_changes`: one row per metric, one column per variant (v0,
+    v1, ... in the table's order, v0 = no CapFilt)."""
     keys = [c for c in table.columns if c in HEADLINE]
-    series = {row["variant"]: [row[k] for k in keys] for _, row in table.iterrows()}
-    return plot_bars(keys, series, "CapFilt ablation: test set after pre-training on each corpus")
+    return pd.DataFrame({"metric": keys, **{f"v{i}": table[keys].iloc[i].to_numpy(dtype=float)
+                                            for i in range(len(table))}})
+
+
+def plot_ablation(table: pd.DataFrame) -> bytes:
+    """Each variant's scores, and each one's change against no CapFilt (round 1)."""
+    by_metric = ablation_by_metric(table)
+    columns = [c for c in by_metric.columns if c != "metric"]
+    return plot_changes(by_metric, columns, table["variant"].tolist(), table["variant"].iloc[0])
 
 
 def plot_histogram(hist: pd.DataFrame, threshold: float | None, xlabel: str = SCORE_LABELS["itm"]) -> bytes:

@@ -4,6 +4,7 @@ the chain guard, and the ablation table in the report."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from components import ablation, bootstrap, chain, evaluate, report, rounds
 from components.config import EvaluateConfig, Params, load_params
@@ -181,7 +183,11 @@ def test_evaluate_adds_the_ablation_table_and_the_report_shows_it(tmp_path):
     assert table["variant"].tolist() == ["no CapFilt (round 1)", "captioner only", "filter only",
                                          "captioner + filter (round 2)"]
     assert table["i2t_r1"].tolist() == [0.1, 0.2, 0.3, 0.4]
+    by_metric = report.ablation_by_metric(table)  # what the plot draws: a column per variant, in order
+    assert by_metric["metric"].tolist() == [k for k in report.HEADLINE if k in table.columns]
+    assert by_metric.set_index("metric").loc["i2t_r1"].tolist() == [0.1, 0.2, 0.3, 0.4]
     png = report.plot_ablation(table)
+    assert Image.open(io.BytesIO(png)).size[0] > 1000  # both panels: scores, changes against no CapFilt
     page = report.render_html(metrics, {"ablation": png}, "")
     assert "captioner only" in page and "<h2>CapFilt ablation" in page and page.count("data:image/png") == 1
 

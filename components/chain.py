@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from components import atomic
+from components import atomic, children
 from components.config import Params
 from components.errors import CapfiltError
 
@@ -120,7 +119,7 @@ def run_stage_process(name: str, chain: Chain, overrides: Mapping[str, Any]) -> 
     argv = [sys.executable, "-m", "components.cli", "stage", name, "--params", str(chain.params_file)]
     argv += [a for key, value in overrides.items() for a in ("--set", f"{key}={json.dumps(value)}")]
     log.info("%s: %s", chain.root, " ".join(argv[2:]))
-    proc = subprocess.run(argv, check=False)
+    proc = children.run(argv)
     if proc.returncode != 0:
         raise CapfiltError(f"{chain.root}: `capfilt stage {name}` failed (exit code {proc.returncode}); "
                            "see its messages above, then run this stage again: finished steps are kept")

@@ -3,7 +3,9 @@
 Every sub-command is a small function that parses nothing itself: argparse builds the typed
 arguments, the function imports the component it drives (lazily, so `capfilt --help` stays fast)
 and calls its `run`. A `CapfiltError` becomes a one-line message and exit code 2; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. SIGTERM unwinds like Ctrl-C (exit code 143), so what a
+command started (Prefect's local server, a stage's subprocess) is stopped on the way out rather
+than left running.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so `finally` blocks and atexit handlers run:
+    Python's default for SIGTERM ends the process at once and orphans its children."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -191,14 +204,24 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return func(args)
     except CapfiltError as exc:
         print(f"capfilt {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"capfilt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        from components import children
+
+        stopped = children.stop_all()
+        how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"capfilt {args.command}: {how}" + (f" (stopped {stopped} child process group(s))" if stopped else ""),
+              file=sys.stderr)
+        return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from components import children
 from components.errors import CapfiltError
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def launch_ranks(
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // processes)))
     cmd = launch_command(processes, argv, hostfile, module=module)
     log.info("launching %d ranks: %s", processes, " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, check=False)
+    proc = children.run(cmd, env=env)
     if proc.returncode != 0:
         raise CapfiltError(
             f"{processes}-rank run of `capfilt {' '.join(argv)}` failed "

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from components import children
 from components.config import Params, load_params
 from components.errors import CapfiltError
 
@@ -115,6 +115,6 @@ def run_pipeline(params_path: Path, force: bool = False) -> None:
     if dvc is None:
         raise CapfiltError("dvc not found on PATH; run `make setup` first")
     cmd = [dvc, "repro"] + (["--force"] if force else [])
-    proc = subprocess.run(cmd, check=False)
+    proc = children.run(cmd)
     if proc.returncode != 0:
         raise CapfiltError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}")

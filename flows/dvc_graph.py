@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from components import children
 from components.errors import CapfiltError
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def subprocess_env() -> dict[str, str]:
 def run_dvc(root: Path, args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """Run `dvc ARGS` in `root`; a non-zero exit is a CapfiltError with the output's tail."""
     argv = _dvc_argv() + args
-    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=subprocess_env(),
-                          timeout=timeout, check=False)
+    proc = children.run(argv, cwd=root, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip())[-_TAIL_CHARS:]
         raise CapfiltError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")

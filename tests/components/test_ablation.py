@@ -123,7 +123,7 @@ def test_rounds_must_be_at_least_one(tmp_path):
 def test_stage_chain_overrides_reach_the_stage_as_typed_values(tmp_path, monkeypatch):
     work = chain.open_chain(Params(), tmp_path / "c", tmp_path / "resume", {"a": 1}, [])
     argv: list[list[str]] = []
-    monkeypatch.setattr(chain.subprocess, "run", lambda a, check: argv.append(a) or type("P", (), {"returncode": 0}))
+    monkeypatch.setattr(chain.children, "run", lambda a: argv.append(a) or type("P", (), {"returncode": 0}))
     odd = tmp_path / "a dir: [x]" / "m.parquet"  # spaces, a colon and brackets survive as one path
     chain.train_chain(work, [odd, tmp_path / "n.parquet"])
     assert [a[4] for a in argv] == ["retrain", "finetune2-captioner", "finetune2-filter"]

@@ -1,0 +1,85 @@
+"""The command line's exit paths: SIGTERM unwinds like Ctrl-C, and either one stops the process
+groups the command started (`components.children`) with everything in them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from components import children
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A stand-in command that does what `capfilt run` does while a stage runs: waits on a child (dvc)
+# that waits on its own child (the stage), with an atexit handler registered (as Prefect registers
+# its local server's stop). With "thread" the child runs from a worker thread while the main thread
+# waits on it, as under Prefect's task runner; then cli's stop_all ends it, else `children.run`.
+SCRIPT = """
+import argparse, atexit, sys, threading
+from components import children, cli
+atexit.register(lambda: print("atexit ran", flush=True))
+STAGE = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(120)'])"
+
+def command(args):
+    if sys.argv[1] == "thread":
+        worker = threading.Thread(target=children.run, args=([sys.executable, "-c", STAGE],), daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    else:
+        children.run([sys.executable, "-c", STAGE])
+    return 0
+
+def parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=command, command="run")
+    return p
+
+cli.build_parser = parser
+sys.exit(cli.main([]))
+"""
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                    (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_signal_to_the_command_alone_ends_its_children_and_grandchildren(sig, code, word, where):
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, where], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(tree) < 2 and time.monotonic() < deadline:  # the child and the grandchild
+            time.sleep(0.1)
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len(tree) == 2, "the stand-in command never started its processes"
+        proc.send_signal(sig)  # to the command's pid only, as `kill` does
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        stopped = " (stopped 1 child process group(s))" if where == "thread" else "\n"
+        assert f"capfilt run: {word}{stopped}" in err
+        assert "atexit ran" in out
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, "a process the command started outlived it"
+    finally:
+        for p in tree:
+            if p.is_running():
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_run_returns_like_subprocess_run_and_a_timeout_ends_the_group():
+    done = children.run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], capture_output=True,
+                        text=True)
+    assert (done.returncode, done.stdout.strip()) == (3, "out")
+    with pytest.raises(subprocess.TimeoutExpired):
+        children.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+    assert children.stop_all() == 0  # nothing left recorded

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from components import children
 from components.errors import CapfiltError
 from components.model_cli import add_model_commands
 
@@ -212,12 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capfilt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        from components import children
-
-        stopped = children.stop_all()
+        stopped = children.stop_all()  # those a worker thread started; the main thread's ended on the way
         how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        print(f"capfilt {args.command}: {how}" + (f" (stopped {stopped} child process group(s))" if stopped else ""),
-              file=sys.stderr)
+        note = f" (stopped {stopped} child process group(s))" if stopped else ""
+        print(f"capfilt {args.command}: {how}{note}", file=sys.stderr)
         return code
     finally:
         if main_thread:

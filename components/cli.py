@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         stopped = children.stop_all()  # those a worker thread started; the main thread's ended on the way
         how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        note = f" (stopped {stopped} child process group(s))" if stopped else ""
+        note = f" (stopped {stopped} child process(es) with their descendants)" if stopped else ""
         print(f"capfilt {args.command}: {how}{note}", file=sys.stderr)
         return code
     finally:

@@ -1,5 +1,5 @@
-"""The command line's exit paths: SIGTERM unwinds like Ctrl-C, and either one stops the process
-groups the command started (`components.children`) with everything in them."""
+"""The command line's exit paths: SIGTERM unwinds like Ctrl-C, and either one stops the processes
+the command started (`components.children`) with everything they started."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_a_signal_to_the_command_alone_ends_its_children_and_grandchildren(sig, 
         proc.send_signal(sig)  # to the command's pid only, as `kill` does
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == code, err
-        stopped = " (stopped 1 child process group(s))" if where == "thread" else "\n"
+        stopped = " (stopped 1 child process(es) with their descendants)" if where == "thread" else "\n"
         assert f"capfilt run: {word}{stopped}" in err
         assert "atexit ran" in out
         _, alive = psutil.wait_procs(tree, timeout=10)
@@ -76,10 +76,17 @@ def test_a_signal_to_the_command_alone_ends_its_children_and_grandchildren(sig, 
             proc.kill()
 
 
-def test_run_returns_like_subprocess_run_and_a_timeout_ends_the_group():
+def test_run_returns_like_subprocess_run_and_a_timeout_ends_the_tree(tmp_path):
     done = children.run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], capture_output=True,
                         text=True)
     assert (done.returncode, done.stdout.strip()) == (3, "out")
+    pid_file = tmp_path / "grandchild.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    stage = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {sleeper!r}])"
     with pytest.raises(subprocess.TimeoutExpired):
-        children.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+        children.run([sys.executable, "-c", stage], timeout=3.0)
+    grandchild = psutil.Process(int(pid_file.read_text())) if psutil.pid_exists(int(pid_file.read_text())) else None
+    if grandchild is not None:  # a zombie for a moment at most, never left sleeping
+        _, alive = psutil.wait_procs([grandchild], timeout=10)
+        assert not alive, "the timed-out child's own child outlived it"
     assert children.stop_all() == 0  # nothing left recorded

@@ -251,4 +251,4 @@ def run(cfg: BootstrapConfig, validation: ValidationConfig, rank: RankInfo | Non
     parts = pd.concat([pd.read_parquet(part_path(parts_dir, s)) for s in shards], ignore_index=True)
     bootstrap_merge.drop_stale_parts(parts_dir)
     return bootstrap_merge.merge(cfg, validation, web, parts, models, decoding_label(cfg), work.images_per_s,
-                                 check, human)
+                                 human, check)

@@ -38,7 +38,7 @@ from components import atomic
 from components.errors import CapfiltError
 from components.expectations import require, run_expectations
 from components.batch_inference import Images, autocast, image_ids, text_scores
-from components.schemas import read_manifest, validate, write_manifest
+from components.schemas import validate, write_manifest
 from components.significance import auroc
 
 if TYPE_CHECKING:
@@ -358,18 +358,15 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
 
 
 def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame, parts: pd.DataFrame,
-          models: Models, decoding: str, images_per_s: float | None,
-          check: dict[str, Any] | None = None, human: pd.DataFrame | None = None) -> BootstrapResult:
+          models: Models, decoding: str, images_per_s: float | None, human: pd.DataFrame,
+          check: dict[str, Any] | None = None) -> BootstrapResult:
     """Threshold the parts, write manifest.parquet, removed.parquet, shards/ and metrics.json
-    (with `check`, the `filter_check` result, as its `filter_check`); `human`: the human manifest
-    when the caller has read it already."""
+    (with `check`, the `filter_check` result, as its `filter_check`); `human`: the human manifest."""
     out = Path(cfg.out)
     scored = set(parts.loc[parts["kind"] == "web", "sample_id"])
     if scored != set(web["sample_id"]) or parts["sample_id"].duplicated().any():
         raise CapfiltError(f"{out / 'parts'}: the parts do not cover {cfg.web_manifest} exactly once; "
                            "delete the parts folder and run again")
-    if human is None:
-        human = read_manifest(Path(cfg.human_manifest), "ingested")
     threshold, calibration = resolve_threshold(cfg, human, models)
     temp = filter_temperature(models)
     decided = decide(parts, threshold, cfg.itc_threshold, cfg.signal, temp, _weight(cfg),

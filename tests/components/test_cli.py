@@ -51,8 +51,11 @@ sys.exit(cli.main([]))
                                                     (signal.SIGINT, 130, "interrupted")])
 @pytest.mark.parametrize("where", ["main", "thread"])
 def test_a_signal_to_the_command_alone_ends_its_children_and_grandchildren(sig, code, word, where):
+    # SIGINT's default disposition, as in a terminal: a shell starts background jobs (a CI runner's
+    # `make test &`) with SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, where], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 60

@@ -142,9 +142,14 @@ def detect_format(path: str) -> str:
         return "parquet"
     if lower.endswith(".json"):
         return "json"
-    if storage.is_dir(path) and storage.list_files(path, TAR_SUFFIXES):
-        return "webdataset"
-    raise CapfiltError(f"{path}: cannot detect the format; pass --format")
+    if storage.is_dir(path):
+        if storage.list_files(path, TAR_SUFFIXES):
+            return "webdataset"
+        raise CapfiltError(f"{path}: a folder with no {'/'.join(TAR_SUFFIXES)} shards directly in it; "
+                           "cannot detect the format; pass --format")
+    if not storage.exists(path):
+        raise CapfiltError(f"{path}: source not found")
+    raise CapfiltError(f"{path}: cannot detect the format from its name; pass --format")
 
 
 def _emit(groups: dict[str, _Group], source: str) -> Iterator[Sample]:

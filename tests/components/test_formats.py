@@ -129,8 +129,13 @@ def test_detect_format_by_extension_and_content(tmp_path: Path) -> None:
     coco = {"images": [], "annotations": []}
     assert formats.json_kind(coco, "f") == "coco"
     assert formats.json_kind([{"image": "a", "caption": "b"}], "f") == "blip"
-    with pytest.raises(CapfiltError, match="cannot detect"):
+    with pytest.raises(CapfiltError, match="a folder with no .tar.* shards.*pass --format"):
         detect_format(str(tmp_path))
+    with pytest.raises(CapfiltError, match="missing: source not found"):
+        detect_format(str(tmp_path / "missing"))
+    (tmp_path / "captions.txt").write_text("a red ring\n")
+    with pytest.raises(CapfiltError, match="from its name; pass --format"):
+        detect_format(str(tmp_path / "captions.txt"))
 
 
 @pytest.mark.parametrize("rel, ok", [

@@ -39,9 +39,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from components import synth
     from components.config import load_params
 
-    cfg = load_params(args.params, args.set).synth
-    if args.seed is not None:
-        cfg = cfg.model_copy(update={"seed": args.seed})
+    seed = [] if args.seed is None else [f"synth.seed={args.seed}"]  # validated like the file's
+    cfg = load_params(args.params, [*(args.set or []), *seed]).synth
     if args.preview:
         synth.check_preview_path(Path(args.preview), Path(args.out))
     summary = synth.run(cfg, Path(args.out))

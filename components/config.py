@@ -48,7 +48,7 @@ class NoiseMix(Section):
 class SynthConfig(Section):
     """The procedural image-text world (see components/synth.py for the design)."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     image_size: int = Field(64, ge=32, le=1024, multiple_of=2)  # square; 2×2 position grid
     n_human: int = Field(1000, ge=1)  # images in the human (COCO-style) set
     captions_per_image: int = Field(5, ge=1, le=20)
@@ -79,7 +79,7 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     """DeepSpeed, optimiser, data-loading and checkpoint settings shared by every training stage."""
 
-    seed: int = 0  # each rank seeds with seed + rank
+    seed: int = Field(0, ge=0)  # each rank seeds with seed + rank
     processes: int = Field(1, ge=1)  # ranks; > 1 starts them through the deepspeed launcher
     hostfile: str | None = None  # multi-node: a deepspeed hostfile (then it sets the ranks)
     zero_stage: int = Field(0, ge=0, le=3)
@@ -413,7 +413,7 @@ class BootstrapConfig(Section):
     filter_check_pairs: int = Field(500, ge=2)  # human pairs the check scores (and as many mismatched)
     batch_size: int = Field(64, ge=1)  # images per forward
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
-    seed: int = 0  # sampling seed; each image draws from (seed, shard, member)
+    seed: int = Field(0, ge=0)  # sampling seed; each image draws from (seed, shard, member)
     merge_timeout_s: int = Field(3600, ge=1)  # rank 0 waits this long for other ranks' parts
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / ranks
     text: TextInput = TextInput()  # how the filter tokenises web and synthetic texts
@@ -465,7 +465,7 @@ class EvaluateConfig(Section):
     # (components/significance.py); 0 resamples = no interval
     resamples: int = Field(2000, ge=0)
     confidence: float = Field(0.95, gt=0, lt=1)
-    resample_seed: int = 0
+    resample_seed: int = Field(0, ge=0)
 
 
 # --- the root ---------------------------------------------------------------------------------

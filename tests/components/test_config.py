@@ -67,3 +67,19 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("synth: [unclosed\n")
     with pytest.raises(CapfiltError, match="not valid YAML"):
         load_params(bad)
+
+
+@pytest.mark.parametrize("key", ["synth.seed", "train.seed", "bootstrap.seed", "evaluate.resample_seed"])
+def test_negative_seeds_are_named(key):
+    # numpy's and torch's generators refuse them deep inside a stage; the loader names the key
+    section, name = key.split(".")
+    with pytest.raises(CapfiltError, match=key.replace(".", r"\.")):
+        parse_params({section: {name: -1}})
+
+
+def test_synth_seed_flag_is_validated_like_the_file(tmp_path, capsys):
+    from components import cli
+
+    assert cli.main(["synth", "--out", str(tmp_path / "data"), "--seed", "-1"]) == 2
+    assert "synth.seed" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()

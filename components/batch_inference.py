@@ -329,8 +329,13 @@ def caption_with_confidence(captioner: Loaded, image: Tensor, cfg: GenerationCon
                             seeds: Sequence[int] | None = None,
                             score: bool = True) -> tuple[list[str], list[float] | None]:
     """`caption`, and how sure the captioner is of each caption (`token_confidence`; None unless `score`)."""
-    embeds = captioner.model.encode_image(image)  # (B, 1+N, Dv)
     prompt_t = prompt_ids(captioner, prompt, image.shape[0], image.device)
+    positions = captioner.model.config.text.max_position_embeddings
+    if prompt_t.shape[1] + cfg.max_new_tokens > positions:  # else a ValueError deep in decoding
+        raise CapfiltError(f"caption settings: max_new_tokens {cfg.max_new_tokens} + the prompt's "
+                           f"{prompt_t.shape[1]} tokens exceed the captioner's {positions} text positions; "
+                           f"use max_new_tokens <= {positions - prompt_t.shape[1]}")
+    embeds = captioner.model.encode_image(image)  # (B, 1+N, Dv)
     new = _new_tokens(captioner, embeds, prompt_t, cfg, seeds)
     if not score:
         return _decode(captioner, new, cfg), None
@@ -342,6 +347,8 @@ def generation_config(captioner: Loaded, decoding: str, k: int, *, num_beams: in
                       repetition_penalty: float, max_new_tokens: int, min_new_tokens: int) -> GenerationConfig:
     """A `GenerationConfig` with the captioner's special ids; bad settings are a CapfiltError."""
     text = captioner.model.config.text
+    if num_beams < 1:  # before K raises it: 0 beams would quietly become K
+        raise CapfiltError(f"caption settings: num_beams must be >= 1, got {num_beams}")
     beams = max(num_beams, k) if decoding == "beam" else num_beams
     try:
         return GenerationConfig(decoding=decoding, num_beams=beams, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]

@@ -46,8 +46,19 @@ class CaptionOptions:
 
 
 def _device(name: str | None) -> torch.device:
-    """`name`, or the inference path's default (a GPU when there is one, else the CPU)."""
-    return torch.device(name) if name else infer.device()
+    """`name`, or the inference path's default (a GPU when there is one, else the CPU); a device
+    this machine does not have is named."""
+    if not name:
+        return infer.device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CapfiltError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count or count == 0:
+            raise CapfiltError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+    return dev
 
 
 def load_images(paths: Sequence[Path], image_size: int) -> Tensor:
@@ -84,10 +95,12 @@ def generation_config(captioner: infer.Loaded, options: CaptionOptions) -> Gener
 def caption_images(model_dir: Path, images: Sequence[Path], options: CaptionOptions,
                    device: str | None = None) -> Iterator[dict[str, str]]:
     """One `{"image", "caption"}` per image, in order, decoded in batches."""
+    if options.batch_size < 1:
+        raise CapfiltError(f"--batch-size must be >= 1, got {options.batch_size}")
     dev = _device(device)
     captioner = infer.load_captioner(model_dir, dev)
     cfg = generation_config(captioner, options)
-    step = max(1, options.batch_size)
+    step = options.batch_size
     for start in range(0, len(images), step):
         paths = list(images[start : start + step])
         pixels = load_images(paths, captioner.image_size).to(dev)

@@ -3,6 +3,7 @@ round trip, transformers folders in and out (logits compared), JSON-line outputs
 reported as one-line errors that name the file."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,23 @@ def test_model_command_errors_are_one_line_and_name_the_input(tok_dir, images, o
     code, _, err = cli(capsys, "match", "--checkpoint", tmp_path / "filt", "--image", not_image, "--text", "x")
     assert code == 2 and "notes.png" in err
     cli(capsys, "convert", path, "--from", "official", "--tokenizer", tok_dir, "--out", tmp_path / "pre", *HEADS)
+    positions = load_model_dir(tmp_path / "pre", BlipPretrain).config.text.max_position_embeddings
+    for flags, named in [(["--num-beams", "0"], "num_beams must be >= 1"),
+                         (["--batch-size", "0"], "--batch-size must be >= 1"),
+                         (["--max-new-tokens", str(positions)], f"exceed the captioner's {positions} text positions"),
+                         (["--device", "nonsense"], "not a torch device")]:
+        code, out, err = cli(capsys, "caption", "--checkpoint", tmp_path / "pre", images[0], *flags)
+        assert (code, out) == (2, "") and named in err and "Traceback" not in err, (flags, err)
+    if not torch.cuda.is_available():
+        code, _, err = cli(capsys, "match", "--checkpoint", tmp_path / "pre", "--image", images[0], "--text", "x",
+                           "--device", "cuda")
+        assert code == 2 and "0 CUDA device(s)" in err
+    code, _, err = cli(capsys, "caption", "--checkpoint", tmp_path / "pre", images[0], "--max-new-tokens", "999")
+    longest = int(re.search(r"use max_new_tokens <= (\d+)", err).group(1))  # positions - the prompt's tokens
+    assert 0 < longest < positions
+    code, out, err = cli(capsys, "caption", "--checkpoint", tmp_path / "pre", images[0], "--decoding", "greedy",
+                         "--max-new-tokens", str(longest), "--min-new-tokens", str(longest))
+    assert code == 0, err  # the longest that fits decodes to the last position
     code, _, err = cli(capsys, "export", tmp_path / "pre", "--to", "hf", "--out", tmp_path / "y")
     assert code == 2 and "--part" in err
     code, _, err = cli(capsys, "export", tmp_path / "pre", "--to", "hf", "--part", "filter", "--out", tmp_path / "y")

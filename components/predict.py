@@ -56,7 +56,7 @@ def _device(name: str | None) -> torch.device:
         raise CapfiltError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if dev.index is not None and dev.index >= count or count == 0:
+        if count == 0 or (dev.index is not None and dev.index >= count):
             raise CapfiltError(f"--device {name!r}: this machine has {count} CUDA device(s)")
     return dev
 

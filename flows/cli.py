@@ -153,5 +153,12 @@ def stack(args: argparse.Namespace) -> int:
         for line in module.down(home):
             print(line)
     else:
-        print(json.dumps(module.status(home), indent=2))
+        info = module.status(home)
+        print(json.dumps(info, indent=2))
+        if not info:
+            print(f"no local services were started from {home} (`capfilt stack up` starts them)", file=sys.stderr)
+        for name, s in info.items():
+            if not s["running"]:
+                print(f"{name}: pid {s['pid']} is not running (see {home / (name + '.log')}); "
+                      "`capfilt stack down` clears it", file=sys.stderr)
     return 0

@@ -56,3 +56,24 @@ def test_hostfile_example_format():
     lines = [ln for ln in (INFRA / "hostfile.example").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     assert lines and all(re.fullmatch(r"\S+ slots=\d+", ln) for ln in lines)
+
+
+def test_stack_status_says_when_nothing_runs_or_a_service_died(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from components.cli import main
+
+    home = tmp_path / ".stack"
+    assert main(["stack", "status", "--home", str(home)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {} and "`capfilt stack up` starts them" in err
+    home.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that has exited and been reaped
+    (home / "stack.json").write_text(json.dumps({"mlflow": {"port": 5000, "url": "http://127.0.0.1:5000"}}))
+    (home / "mlflow.pid").write_text(str(gone.pid))
+    assert main(["stack", "status", "--home", str(home)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mlflow"]["running"] is False
+    assert f"mlflow: pid {gone.pid} is not running" in err and "mlflow.log" in err

@@ -40,7 +40,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from components.config import load_params
 
     seed = [] if args.seed is None else [f"synth.seed={args.seed}"]  # validated like the file's
-    cfg = load_params(args.params, [*(args.set or []), *seed]).synth
+    cfg = load_params(args.params, [*args.set, *seed]).synth
     if args.preview:
         synth.check_preview_path(Path(args.preview), Path(args.out))
     summary = synth.run(cfg, Path(args.out))

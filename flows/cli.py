@@ -159,6 +159,6 @@ def stack(args: argparse.Namespace) -> int:
             print(f"no local services were started from {home} (`capfilt stack up` starts them)", file=sys.stderr)
         for name, s in info.items():
             if not s["running"]:
-                print(f"{name}: pid {s['pid']} is not running (see {home / (name + '.log')}); "
+                print(f"{name}: pid {s['pid']} is not running (see {module.log_path(home, name)}); "
                       "`capfilt stack down` clears it", file=sys.stderr)
     return 0

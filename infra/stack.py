@@ -75,8 +75,13 @@ def _env(service: str, home: Path, s3_url: str) -> dict[str, str]:
     return env
 
 
+def log_path(home: Path, service: str) -> Path:
+    """Where a service's output goes."""
+    return home / f"{service}.log"
+
+
 def _spawn(service: str, port: int, home: Path, s3_url: str) -> subprocess.Popen:
-    log = (home / f"{service}.log").open("w")
+    log = log_path(home, service).open("w")
     proc = subprocess.Popen(_argv(service, port, home, s3_url), stdout=log, stderr=subprocess.STDOUT,
                             env=_env(service, home, s3_url), start_new_session=True, cwd=home)
     (home / f"{service}.pid").write_text(str(proc.pid))
@@ -132,7 +137,7 @@ def up(home: Path, services: tuple[str, ...] = SERVICES, ports: dict[str, int] |
     procs = {}
     if "moto" in wanted:
         procs["moto"] = _spawn("moto", chosen["moto"], home, s3_url)
-        wait_ready(s3_url + HEALTH["moto"], 30, procs["moto"], home / "moto.log")
+        wait_ready(s3_url + HEALTH["moto"], 30, procs["moto"], log_path(home, "moto"))
     if "mlflow" in services:
         create_buckets(s3_url)
     for s in ("mlflow", "prefect"):  # both start in parallel, then both are polled
@@ -140,7 +145,7 @@ def up(home: Path, services: tuple[str, ...] = SERVICES, ports: dict[str, int] |
             procs[s] = _spawn(s, chosen[s], home, s3_url)
     for s, proc in procs.items():
         url = f"http://127.0.0.1:{chosen[s]}"
-        wait_ready(url + HEALTH[s], timeout, proc, home / f"{s}.log")
+        wait_ready(url + HEALTH[s], timeout, proc, log_path(home, s))
         info[s] = {"port": chosen[s], "url": url, "pid": proc.pid, "running": True}
     _write_json(home / "stack.json", {s: v for s, v in info.items() if s in SERVICES})
     return info

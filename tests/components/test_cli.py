@@ -88,7 +88,8 @@ def test_run_returns_like_subprocess_run_and_a_timeout_ends_the_tree(tmp_path):
     stage = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {sleeper!r}])"
     with pytest.raises(subprocess.TimeoutExpired):
         children.run([sys.executable, "-c", stage], timeout=3.0)
-    grandchild = psutil.Process(int(pid_file.read_text())) if psutil.pid_exists(int(pid_file.read_text())) else None
+    pid = int(pid_file.read_text())
+    grandchild = psutil.Process(pid) if psutil.pid_exists(pid) else None
     if grandchild is not None:  # a zombie for a moment at most, never left sleeping
         _, alive = psutil.wait_procs([grandchild], timeout=10)
         assert not alive, "the timed-out child's own child outlived it"

@@ -198,7 +198,11 @@ def plot_histogram(hist: pd.DataFrame, threshold: float | None, xlabel: str = SC
     if threshold is not None:
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("texts")
+    # log counts: most noise piles up near 0 and would hide the few noisy texts that pass the bar
+    positive = (hist[["clean", "noisy"]].to_numpy() > 0).any()
+    if positive:
+        ax.set_yscale("log")
+    ax.set_ylabel("texts (log scale)" if positive else "texts")
     ax.set_title("filter scores of web texts")
     ax.legend()
     data = _png(fig)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from components import bootstrap, evaluate
+from components import bootstrap, evaluate, report
 from components.batch_inference import Images, device, load_filter
 from components.config import EvaluateConfig, SynthConfig
 from components.distributed import RankInfo
@@ -290,3 +290,16 @@ def test_report_cards_show_the_captioner_s_confidence_only_when_scored():
     assert '<span class="removed">a &lt;red&gt; ring</span> (0.91, confidence 0.42)' in line
     assert "confidence" not in report._line(SimpleNamespace(**{**vars(row), "caption_confidence": np.nan}), "web")
     assert "confidence" not in report._line(SimpleNamespace(kept=True, caption="x", itm_score=0.5), "web")
+
+
+def test_score_histogram_renders_with_empty_or_one_sided_counts():
+    import warnings
+
+    bins = [0.025 + 0.05 * i for i in range(20)]
+    cases = {"empty": ([0] * 20, [0] * 20), "clean only": ([5] * 20, [0] * 20),
+             "spike": ([0] * 19 + [700], [3600] + [0] * 19)}  # the log axis's reason: a pile at 0
+    for name, (clean, noisy) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            png = report.plot_histogram(pd.DataFrame({"bin": bins, "clean": clean, "noisy": noisy}), 0.8)
+        assert png[:4] == b"\x89PNG", name

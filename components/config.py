@@ -532,6 +532,29 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so an edit that duplicates a line would change a parameter without a word."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            first = lines.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key: construct_mapping names it
+            continue
+        if first != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {first + 1} and "
+                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_raw(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """The raw mapping in a params file; a missing or malformed file is a CapfiltError."""
     path = Path(path)
@@ -540,7 +563,7 @@ def read_raw(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     except FileNotFoundError:
         raise CapfiltError(f"{path}: parameters file not found") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise CapfiltError(f"{path}: not valid YAML: {exc}") from None
     return raw or {}

@@ -69,6 +69,16 @@ def test_missing_or_malformed_file(tmp_path):
         load_params(bad)
 
 
+def test_a_key_given_twice_is_named(tmp_path):
+    # PyYAML keeps the last of two equal keys; an edit that duplicates a line must not pass quietly
+    p = tmp_path / "params.yaml"
+    p.write_text("synth:\n  seed: 0\n  n_test: 300\n  n_test: 1000\n")
+    with pytest.raises(CapfiltError, match=r"'n_test' is given twice \(lines 3 and 4\)"):
+        load_params(p)
+    p.write_text("synth:\n  seed: 0\ntrain:\n  seed: 0\n")  # the same key in two sections is fine
+    assert load_params(p).train.seed == 0
+
+
 @pytest.mark.parametrize("key", ["synth.seed", "train.seed", "bootstrap.seed", "evaluate.resample_seed"])
 def test_negative_seeds_are_named(key):
     # numpy's and torch's generators refuse them deep inside a stage; the loader names the key

@@ -538,17 +538,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    lines: dict[Any, int] = {}
+    lines: dict[Any, int] = {}  # key -> 1-based line of its first use
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
+        key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
         try:
-            first = lines.setdefault(key, key_node.start_mark.line)
+            first = lines.get(key)
         except TypeError:  # an unhashable key: construct_mapping names it
             continue
-        if first != key_node.start_mark.line:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice (lines {first + 1} and "
-                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        if first is not None:
+            where = f"line {line}" if first == line else f"lines {first} and {line}"
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice ({where})",
+                                                    key_node.start_mark)
+        lines[key] = line
     return loader.construct_mapping(node)
 
 

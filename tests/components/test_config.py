@@ -75,6 +75,9 @@ def test_a_key_given_twice_is_named(tmp_path):
     p.write_text("synth:\n  seed: 0\n  n_test: 300\n  n_test: 1000\n")
     with pytest.raises(CapfiltError, match=r"'n_test' is given twice \(lines 3 and 4\)"):
         load_params(p)
+    p.write_text("model:\n  overrides: {itm_negative_hardness: 0.0, itm_negative_hardness: 1.0}\n")
+    with pytest.raises(CapfiltError, match=r"'itm_negative_hardness' is given twice \(line 2\)"):
+        load_params(p)
     p.write_text("synth:\n  seed: 0\ntrain:\n  seed: 0\n")  # the same key in two sections is fine
     assert load_params(p).train.seed == 0
 

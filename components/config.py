@@ -442,6 +442,9 @@ class EvaluateConfig(Section):
     round2_filter: str = "outputs/finetune2/filter/model"
     bootstrap: str = "outputs/bootstrap"  # its manifest.parquet and removed.parquet
     web_manifest: str = "outputs/ingest/web/manifest.parquet"
+    # training manifests whose images the test images are checked against (sha256): a test image
+    # seen in training flatters both rounds; metrics.json's `test_set` counts them
+    train_manifests: list[str] = []
     test_scenes: str | None = "data/test"  # synth ground truth (scenes.jsonl); null: real data
     web_truth: str | None = "data/web"  # synth web truth (truth.csv: noise kind per image)
     out: str = "outputs/evaluate"  # metrics.json, plots/, report.html

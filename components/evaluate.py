@@ -401,6 +401,26 @@ def test_set(cfg: EvaluateConfig) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     return test, None
 
 
+def test_overlap(test: pd.DataFrame, train: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """How many test images are byte-identical (sha256) to an image of each training manifest."""
+    digests = test.drop_duplicates("image_key")["sha256"]
+    by_manifest = {name: int(digests.isin(set(df["sha256"])).sum()) for name, df in train.items()}
+    seen = digests.isin(set().union(*(set(df["sha256"]) for df in train.values())))
+    return {"images": len(digests), "distinct_images": int(digests.nunique()),
+            "seen_in_training": int(seen.sum()), "by_manifest": by_manifest}
+
+
+def check_test_set(cfg: EvaluateConfig, test: pd.DataFrame) -> dict[str, Any]:
+    """`test_overlap` against `cfg.train_manifests`, with a warning when any test image leaked."""
+    train = {path: read_manifest(Path(path), "ingested") for path in cfg.train_manifests}
+    overlap = test_overlap(test, train)
+    if overlap["seen_in_training"]:
+        log.warning("%d of %d test images are byte-identical to training images (%s): their scores "
+                    "flatter both rounds", overlap["seen_in_training"], overlap["images"],
+                    ", ".join(f"{n}: {k}" for n, k in overlap["by_manifest"].items()))
+    return overlap
+
+
 def evaluate_models(cfg: EvaluateConfig, models: dict[str, tuple[Path, Path]]) -> dict[str, dict[str, float]]:
     """`evaluate_round` for each name -> (captioner dir, filter dir) (the ablation and rounds stages)."""
     torch.set_num_threads(cfg.threads or (os.cpu_count() or 1))
@@ -461,7 +481,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or (os.cpu_count() or 1))
     dev = device()
     test, scenes = test_set(cfg)
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"test_set": check_test_set(cfg, test)}
     captions, tallies = {}, {}
     for name, cap_dir, filt_dir in (("round1", cfg.round1_captioner, cfg.round1_filter),
                                     ("round2", cfg.round2_captioner, cfg.round2_filter)):

@@ -288,6 +288,18 @@ def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["filter", "value"])
 
 
+def _test_set_line(ts: dict[str, Any]) -> str:
+    """One sentence on the test set: its size and whether any of its images was seen in training."""
+    size = f"Test set: {ts['images']} images"
+    if not ts["by_manifest"]:
+        return f"<p>{size}; not checked against the training images (evaluate.train_manifests is empty).</p>"
+    where = ", ".join(f"{html.escape(str(k))}: {v}" for k, v in ts["by_manifest"].items())
+    if ts["seen_in_training"]:
+        return (f"<p><b>{size}, {ts['seen_in_training']} of them byte-identical to training images "
+                f"({where}): their scores flatter both rounds.</b></p>")
+    return f"<p>{size}, none byte-identical to an image of the training manifests ({where}).</p>"
+
+
 def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>capfilt evaluation</title>",
              f"<style>{_CSS}</style></head><body><h1>capfilt: round 1 vs round 2</h1>",
@@ -299,6 +311,8 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
                   "p_round2_higher: the share of resamples in which round 2 scores higher. It covers the "
                   "choice of test images, not re-training (a second training run moves the scores too); "
                   "BLEU-4, a corpus statistic, has none.</p>"]
+    if "test_set" in metrics:
+        parts += [_test_set_line(metrics["test_set"])]
     if "ablation" in metrics:
         parts += ["<h2>CapFilt ablation (pre-training pairs by source; test metrics)</h2>",
                   _table(ablation_table(metrics))]

@@ -4,7 +4,9 @@ The corpus has three splits drawn from a world of coloured shapes (components/sy
 `human/` (COCO captions format, several clean paraphrases per image), `web/` (BLIP pre-train
 format, one alt-text per image, with `truth.csv` keeping each text's noise kind and the scene
 ground truth, which no training code reads) and `test/` (Karpathy test format with references,
-and `scenes.jsonl`). Each split draws its scenes and its texts from two numpy generators seeded
+and `scenes.jsonl`). The test split is held out by pixels: a drawn test scene whose image equals
+a human, web or earlier test image is drawn again (the world repeats small scenes), so no test
+image was seen in training. Each split draws its scenes and its texts from two numpy generators seeded
 with (seed, split, stream), so changing one split's size leaves the others' bytes alone. The
 world is sized for a tiny ViT: 64×64 images with 16-pixel patches give a 4×4 token grid whose
 2×2 quadrants are the positions, and five strongly different silhouettes keep shapes legible at
@@ -17,6 +19,7 @@ written into a temporary sibling folder that is renamed into place at the end.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -71,6 +74,7 @@ NOISE_KINDS = ("correct", "wrong_attribute", "other_image", "junk")
 _SPLITS = {"human": 0, "web": 1, "test": 2}  # the split's number in its generators' seeds
 _TRUTH_COLUMNS = ("image_id", "noise", "text", "source_id", "detail", "scene")
 PNG_COMPRESS_LEVEL = 6
+_MAX_REDRAWS = 1000  # draws per held-out image before the world is declared too small
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class SynthSummary:
     n_test: int
     noise: dict[str, int]
     seconds: float
+    test_redrawn: int = 0  # test draws that repeated a human, web or earlier test image
 
     def describe(self) -> str:
         mix = ", ".join(f"{k} {v}" for k, v in self.noise.items())
@@ -92,7 +97,8 @@ class SynthSummary:
             f"synthetic corpus (seed {self.seed}) written to {self.out} in {self.seconds:.1f}s\n"
             f"  human: {self.n_human} images, {self.n_human_captions} captions\n"
             f"  web:   {self.n_web} images, one text each ({mix})\n"
-            f"  test:  {self.n_test} images with reference captions"
+            f"  test:  {self.n_test} images with reference captions, none repeating a human, web or "
+            f"other test image ({self.test_redrawn} repeated draws redrawn)"
         )
 
 
@@ -116,25 +122,52 @@ def _dump_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n", "utf-8")
 
 
+@dataclass
+class _Split:
+    """A drawn split: image ids, scenes, and how many draws were redrawn as already seen."""
+
+    ids: list[str]
+    scenes: list[Scene]
+    redrawn: int = 0
+
+
 def _draw_split(
-    cfg: SynthConfig, split: str, n: int, rng: np.random.Generator, root: Path
-) -> tuple[list[str], list[Scene]]:
-    """Sample n scenes, write their PNGs under root/images; return (ids, scenes)."""
+    cfg: SynthConfig,
+    split: str,
+    n: int,
+    rng: np.random.Generator,
+    root: Path,
+    seen: set[bytes],
+    held_out: bool = False,
+) -> _Split:
+    """Sample n scenes and write their PNGs under root/images, adding each image's pixel digest to
+    `seen`; with `held_out`, a scene whose image is already in `seen` is drawn again."""
     images = root / "images"
     images.mkdir(parents=True)
-    ids: list[str] = []
-    scenes: list[Scene] = []
+    out = _Split([], [])
     for i in range(n):
-        scene = sample_scene(
-            rng, cfg.image_size, cfg.max_objects, cfg.duplicate_prob, cfg.jitter, cfg.backgrounds
-        )
+        for _ in range(_MAX_REDRAWS):
+            scene = sample_scene(
+                rng, cfg.image_size, cfg.max_objects, cfg.duplicate_prob, cfg.jitter,
+                cfg.backgrounds,
+            )  # fmt: skip
+            image = draw_scene(scene, cfg.image_size)
+            digest = hashlib.sha256(image.tobytes()).digest()
+            if not (held_out and digest in seen):
+                break
+            out.redrawn += 1
+        else:
+            raise CapfiltError(
+                f"synth: found only {i} of {n} {split} images unlike every human and web image "
+                f"in {_MAX_REDRAWS} draws for the next one; the world is too small for "
+                "synth.n_test: lower it, or raise synth.max_objects or synth.jitter"
+            )
+        seen.add(digest)
         image_id = f"{split}_{i:06d}"
-        draw_scene(scene, cfg.image_size).save(
-            images / f"{image_id}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL
-        )
-        ids.append(image_id)
-        scenes.append(scene)
-    return ids, scenes
+        image.save(images / f"{image_id}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        out.ids.append(image_id)
+        out.scenes.append(scene)
+    return out
 
 
 def _write_scenes_jsonl(ids: list[str], scenes: list[Scene], path: Path) -> None:
@@ -145,9 +178,10 @@ def _write_scenes_jsonl(ids: list[str], scenes: list[Scene], path: Path) -> None
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _write_human(cfg: SynthConfig, root: Path) -> int:
+def _write_human(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
     scene_rng, text_rng = _rngs(cfg.seed, "human")
-    ids, scenes = _draw_split(cfg, "human", cfg.n_human, scene_rng, root)
+    drawn = _draw_split(cfg, "human", cfg.n_human, scene_rng, root, seen)
+    ids, scenes = drawn.ids, drawn.scenes
     images, annotations = [], []
     for k, (image_id, scene) in enumerate(zip(ids, scenes, strict=True)):
         images.append(
@@ -161,15 +195,18 @@ def _write_human(cfg: SynthConfig, root: Path) -> int:
     return len(annotations)
 
 
-def _write_test(cfg: SynthConfig, root: Path) -> None:
+def _write_test(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
+    """Write the held-out test split; return how many of its draws were redrawn."""
     scene_rng, text_rng = _rngs(cfg.seed, "test")
-    ids, scenes = _draw_split(cfg, "test", cfg.n_test, scene_rng, root)
+    drawn = _draw_split(cfg, "test", cfg.n_test, scene_rng, root, seen, held_out=True)
+    ids, scenes = drawn.ids, drawn.scenes
     rows = [
         {"image": f"images/{i}.png", "caption": human_captions(s, cfg.captions_per_image, text_rng)}
         for i, s in zip(ids, scenes, strict=True)
     ]
     _dump_json(rows, root / "test.json")
     _write_scenes_jsonl(ids, scenes, root / "scenes.jsonl")
+    return drawn.redrawn
 
 
 def _other_image_source(
@@ -219,9 +256,10 @@ def _web_rows(
     return rows
 
 
-def _write_web(cfg: SynthConfig, root: Path) -> dict[str, int]:
+def _write_web(cfg: SynthConfig, root: Path, seen: set[bytes]) -> dict[str, int]:
     scene_rng, text_rng = _rngs(cfg.seed, "web")
-    ids, scenes = _draw_split(cfg, "web", cfg.n_web, scene_rng, root)
+    drawn = _draw_split(cfg, "web", cfg.n_web, scene_rng, root, seen)
+    ids, scenes = drawn.ids, drawn.scenes
     rows = _web_rows(cfg, ids, scenes, text_rng)
     _dump_json([{"image": f"images/{r[0]}.png", "caption": r[2]} for r in rows], root / "web.json")
     buf = io.StringIO()
@@ -247,9 +285,10 @@ def run(cfg: SynthConfig, out: Path) -> SynthSummary:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        n_captions = _write_human(cfg, tmp / "human")
-        noise = _write_web(cfg, tmp / "web")
-        _write_test(cfg, tmp / "test")
+        seen: set[bytes] = set()  # pixel digests of every image written so far
+        n_captions = _write_human(cfg, tmp / "human", seen)
+        noise = _write_web(cfg, tmp / "web", seen)
+        redrawn = _write_test(cfg, tmp / "test", seen)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
@@ -258,7 +297,7 @@ def run(cfg: SynthConfig, out: Path) -> SynthSummary:
     summary = SynthSummary(
         out=out, seed=cfg.seed, n_human=cfg.n_human, n_human_captions=n_captions,
         n_web=cfg.n_web, n_test=cfg.n_test, noise=noise,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, test_redrawn=redrawn,
     )  # fmt: skip
     log.info("synth: %d + %d + %d images in %.1fs", cfg.n_human, cfg.n_web, cfg.n_test,
              summary.seconds)  # fmt: skip

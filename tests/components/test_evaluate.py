@@ -235,10 +235,13 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
                          round2_filter=str(world.filter), bootstrap=str(tmp_path / "boot"),
                          web_manifest=str(world.web), test_scenes=str(tmp_path / "none"),
                          web_truth=str(tmp_path / "web"), out=str(tmp_path / "eval"), k_test=4,
-                         grid_images=5, threads=1, decoding_runs=[str(tmp_path / "greedy")])
+                         grid_images=5, threads=1, decoding_runs=[str(tmp_path / "greedy")],
+                         train_manifests=[str(world.human), str(world.web)])
     evaluate.run(cfg)
     out = tmp_path / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_set"] == {"images": 8, "distinct_images": 8, "seen_in_training": 0,
+                                   "by_manifest": {str(world.human): 0, str(world.web): 0}}
     for key in evaluate.HEADLINE:
         assert key in metrics["round1"] and key in metrics["round2"] and key in metrics["gain"]
     assert metrics["round1"]["attribute_accuracy"] is None  # no scenes: skipped, not failed
@@ -268,6 +271,7 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert len(pd.read_csv(out / "plots" / f"{name}.csv")) > 0
     page = (out / "report.html").read_text()
+    assert "Test set: 8 images, none byte-identical" in page
     assert page.count("Synthetic captions by decoding") == 1
     assert page.count('class="card"') == 5 and "http" not in page and "<script" not in page
     assert page.count("data:image/png;base64,") == 2 + 5
@@ -303,3 +307,17 @@ def test_score_histogram_renders_with_empty_or_one_sided_counts():
             warnings.simplefilter("error")
             png = report.plot_histogram(pd.DataFrame({"bin": bins, "clean": clean, "noisy": noisy}), 0.8)
         assert png[:4] == b"\x89PNG", name
+
+
+def test_test_images_seen_in_training_are_counted_per_manifest():
+    test = pd.DataFrame({"image_key": ["t0", "t0", "t1", "t2", "t3"],
+                         "sha256": ["a", "a", "b", "c", "a"]})  # t3 repeats t0's bytes
+    train = {"human": pd.DataFrame({"sha256": ["a", "z"]}),
+             "web": pd.DataFrame({"sha256": ["a", "c", "y"]})}
+    overlap = evaluate.test_overlap(test, train)
+    assert overlap == {"images": 4, "distinct_images": 3, "seen_in_training": 3,
+                       "by_manifest": {"human": 2, "web": 3}}
+    assert evaluate.test_overlap(test, {})["seen_in_training"] == 0
+    line = report._test_set_line(overlap)
+    assert "4 images, 3 of them byte-identical to training images (human: 2, web: 3)" in line
+    assert "not checked" in report._test_set_line(evaluate.test_overlap(test, {}))

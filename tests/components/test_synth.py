@@ -65,10 +65,49 @@ def test_other_seed_gives_other_corpus(corpus, tmp_path):
 
 def test_split_sizes_are_independent(corpus, tmp_path):
     bigger = tmp_path / "bigger"
-    synth.run(SMALL.model_copy(update={"n_web": 220}), bigger)
+    synth.run(SMALL.model_copy(update={"n_web": 220, "n_test": 12}), bigger)
     a, b = _tree_bytes(corpus), _tree_bytes(bigger)
     assert a["human/annotations.json"] == b["human/annotations.json"]
-    assert a["test/test.json"] == b["test/test.json"]
+    web_images = {k: v for k, v in a.items() if k.startswith("web/images/")}
+    assert web_images and all(b[k] == v for k, v in web_images.items())
+    more_tests = tmp_path / "more_tests"
+    synth.run(SMALL.model_copy(update={"n_test": 12}), more_tests)
+    c = _tree_bytes(more_tests)
+    assert {k: v for k, v in c.items() if not k.startswith("test/")} == {
+        k: v for k, v in a.items() if not k.startswith("test/")
+    }
+
+
+def _pixels(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for png in sorted(folder.glob("*.png")):
+        with Image.open(png) as im:
+            out[png.stem] = im.convert("RGB").tobytes()
+    return out
+
+
+def test_test_images_are_held_out_from_training_images(tmp_path):
+    # one object, no jitter: 900 possible images, so 300 training draws repeat many of them
+    cfg = SynthConfig(n_human=50, n_web=250, n_test=100, max_objects=1, jitter=0,
+                      noise=NoiseMix(correct=1.0, wrong_attribute=0.0, other_image=0.0, junk=0.0))  # fmt: skip
+    summary = synth.run(cfg, tmp_path / "data")
+    train = {**_pixels(tmp_path / "data" / "human" / "images"),
+             **_pixels(tmp_path / "data" / "web" / "images")}  # fmt: skip
+    test = _pixels(tmp_path / "data" / "test" / "images")
+    assert len(test) == 100
+    assert len(set(test.values())) == 100  # no two test images alike
+    assert not set(test.values()) & set(train.values())
+    assert len(set(train.values())) < len(train)  # the training splits do repeat images
+    assert summary.test_redrawn > 0
+    assert f"({summary.test_redrawn} repeated draws redrawn)" in summary.describe()
+
+
+def test_a_world_too_small_for_its_test_set_is_named(tmp_path):
+    cfg = SynthConfig(n_human=5, n_web=40, n_test=901, max_objects=1, jitter=0,
+                      noise=NoiseMix(correct=1.0, wrong_attribute=0.0, other_image=0.0, junk=0.0))  # fmt: skip
+    with pytest.raises(CapfiltError, match=r"only \d+ of 901 test images.*synth.n_test"):
+        synth.run(cfg, tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_human_split_is_coco_captions(corpus):

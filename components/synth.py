@@ -7,7 +7,8 @@ ground truth, which no training code reads) and `test/` (Karpathy test format wi
 and `scenes.jsonl`). The test split is held out by pixels: a drawn test scene whose image equals
 a human, web or earlier test image is drawn again (the world repeats small scenes), so no test
 image was seen in training. Each split draws its scenes and its texts from two numpy generators seeded
-with (seed, split, stream), so changing one split's size leaves the others' bytes alone. The
+with (seed, split, stream), so changing one split's size leaves the other splits' bytes alone
+(the test split's only when the human and web images it must avoid stay the same). The
 world is sized for a tiny ViT: 64×64 images with 16-pixel patches give a 4×4 token grid whose
 2×2 quadrants are the positions, and five strongly different silhouettes keep shapes legible at
 that grid. The web noise mix defaults to mostly unrelated or uninformative text (other images'
@@ -158,9 +159,9 @@ def _draw_split(
             out.redrawn += 1
         else:
             raise CapfiltError(
-                f"synth: found only {i} of {n} {split} images unlike every human and web image "
-                f"in {_MAX_REDRAWS} draws for the next one; the world is too small for "
-                "synth.n_test: lower it, or raise synth.max_objects or synth.jitter"
+                f"synth: found only {i} of {n} {split} images unlike every human, web and "
+                f"earlier test image in {_MAX_REDRAWS} draws for the next one; the world is too "
+                "small for synth.n_test: lower it, or raise synth.max_objects or synth.jitter"
             )
         seen.add(digest)
         image_id = f"{split}_{i:06d}"

@@ -404,8 +404,9 @@ def test_set(cfg: EvaluateConfig) -> tuple[pd.DataFrame, dict[str, Any] | None]:
 def test_overlap(test: pd.DataFrame, train: dict[str, pd.DataFrame]) -> dict[str, Any]:
     """How many test images are byte-identical (sha256) to an image of each training manifest."""
     digests = test.drop_duplicates("image_key")["sha256"]
-    by_manifest = {name: int(digests.isin(set(df["sha256"])).sum()) for name, df in train.items()}
-    seen = digests.isin(set().union(*(set(df["sha256"]) for df in train.values())))
+    train_digests = {name: set(df["sha256"]) for name, df in train.items()}
+    by_manifest = {name: int(digests.isin(d).sum()) for name, d in train_digests.items()}
+    seen = digests.isin(set().union(*train_digests.values()))
     return {"images": len(digests), "distinct_images": int(digests.nunique()),
             "seen_in_training": int(seen.sum()), "by_manifest": by_manifest}
 

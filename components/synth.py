@@ -6,8 +6,8 @@ format, one alt-text per image, with `truth.csv` keeping each text's noise kind 
 ground truth, which no training code reads) and `test/` (Karpathy test format with references,
 and `scenes.jsonl`). The test split is held out by pixels: a drawn test scene whose image equals
 a human, web or earlier test image is drawn again (the world repeats small scenes), so no test
-image was seen in training. Each split draws its scenes and its texts from two numpy generators seeded
-with (seed, split, stream), so changing one split's size leaves the other splits' bytes alone
+image was seen in training. Each split draws its scenes and its texts from two numpy generators
+seeded with (seed, split, stream), so changing one split's size leaves the other splits' bytes alone
 (the test split's only when the human and web images it must avoid stay the same). The
 world is sized for a tiny ViT: 64×64 images with 16-pixel patches give a 4×4 token grid whose
 2×2 quadrants are the positions, and five strongly different silhouettes keep shapes legible at
@@ -98,8 +98,8 @@ class SynthSummary:
             f"synthetic corpus (seed {self.seed}) written to {self.out} in {self.seconds:.1f}s\n"
             f"  human: {self.n_human} images, {self.n_human_captions} captions\n"
             f"  web:   {self.n_web} images, one text each ({mix})\n"
-            f"  test:  {self.n_test} images with reference captions, none repeating a human, web or "
-            f"other test image ({self.test_redrawn} repeated draws redrawn)"
+            f"  test:  {self.n_test} images with reference captions, none repeating a human, web "
+            f"or other test image ({self.test_redrawn} repeated draws redrawn)"
         )
 
 
@@ -123,15 +123,6 @@ def _dump_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n", "utf-8")
 
 
-@dataclass
-class _Split:
-    """A drawn split: image ids, scenes, and how many draws were redrawn as already seen."""
-
-    ids: list[str]
-    scenes: list[Scene]
-    redrawn: int = 0
-
-
 def _draw_split(
     cfg: SynthConfig,
     split: str,
@@ -140,12 +131,15 @@ def _draw_split(
     root: Path,
     seen: set[bytes],
     held_out: bool = False,
-) -> _Split:
+) -> tuple[list[str], list[Scene], int]:
     """Sample n scenes and write their PNGs under root/images, adding each image's pixel digest to
-    `seen`; with `held_out`, a scene whose image is already in `seen` is drawn again."""
+    `seen`; with `held_out`, a scene whose image is already in `seen` is drawn again. Returns
+    (ids, scenes, how many draws were redrawn)."""
     images = root / "images"
     images.mkdir(parents=True)
-    out = _Split([], [])
+    ids: list[str] = []
+    scenes: list[Scene] = []
+    redrawn = 0
     for i in range(n):
         for _ in range(_MAX_REDRAWS):
             scene = sample_scene(
@@ -156,7 +150,7 @@ def _draw_split(
             digest = hashlib.sha256(image.tobytes()).digest()
             if not (held_out and digest in seen):
                 break
-            out.redrawn += 1
+            redrawn += 1
         else:
             raise CapfiltError(
                 f"synth: found only {i} of {n} {split} images unlike every human, web and "
@@ -166,9 +160,9 @@ def _draw_split(
         seen.add(digest)
         image_id = f"{split}_{i:06d}"
         image.save(images / f"{image_id}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        out.ids.append(image_id)
-        out.scenes.append(scene)
-    return out
+        ids.append(image_id)
+        scenes.append(scene)
+    return ids, scenes, redrawn
 
 
 def _write_scenes_jsonl(ids: list[str], scenes: list[Scene], path: Path) -> None:
@@ -181,8 +175,7 @@ def _write_scenes_jsonl(ids: list[str], scenes: list[Scene], path: Path) -> None
 
 def _write_human(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
     scene_rng, text_rng = _rngs(cfg.seed, "human")
-    drawn = _draw_split(cfg, "human", cfg.n_human, scene_rng, root, seen)
-    ids, scenes = drawn.ids, drawn.scenes
+    ids, scenes, _ = _draw_split(cfg, "human", cfg.n_human, scene_rng, root, seen)
     images, annotations = [], []
     for k, (image_id, scene) in enumerate(zip(ids, scenes, strict=True)):
         images.append(
@@ -199,15 +192,16 @@ def _write_human(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
 def _write_test(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
     """Write the held-out test split; return how many of its draws were redrawn."""
     scene_rng, text_rng = _rngs(cfg.seed, "test")
-    drawn = _draw_split(cfg, "test", cfg.n_test, scene_rng, root, seen, held_out=True)
-    ids, scenes = drawn.ids, drawn.scenes
+    ids, scenes, redrawn = _draw_split(
+        cfg, "test", cfg.n_test, scene_rng, root, seen, held_out=True
+    )
     rows = [
         {"image": f"images/{i}.png", "caption": human_captions(s, cfg.captions_per_image, text_rng)}
         for i, s in zip(ids, scenes, strict=True)
     ]
     _dump_json(rows, root / "test.json")
     _write_scenes_jsonl(ids, scenes, root / "scenes.jsonl")
-    return drawn.redrawn
+    return redrawn
 
 
 def _other_image_source(
@@ -259,8 +253,7 @@ def _web_rows(
 
 def _write_web(cfg: SynthConfig, root: Path, seen: set[bytes]) -> dict[str, int]:
     scene_rng, text_rng = _rngs(cfg.seed, "web")
-    drawn = _draw_split(cfg, "web", cfg.n_web, scene_rng, root, seen)
-    ids, scenes = drawn.ids, drawn.scenes
+    ids, scenes, _ = _draw_split(cfg, "web", cfg.n_web, scene_rng, root, seen)
     rows = _web_rows(cfg, ids, scenes, text_rng)
     _dump_json([{"image": f"images/{r[0]}.png", "caption": r[2]} for r in rows], root / "web.json")
     buf = io.StringIO()

@@ -16,6 +16,8 @@ precision) / transformers, `ratio_bf16` (capfilt bf16 / transformers fp32), `rat
 and `ceiling`: the transformers loop's time over the time of the work any CapFilt pass must do
 (decode each image, run the captioner's and the filter's ViT once, fp32) — the most `ratio` could
 be if generation and ITM cost nothing.
+`cpu_native_bf16` says whether the CPU has AVX512-BF16 or AMX; without them PyTorch emulates bf16
+and the bf16 figures measure the emulation.
 `--scaling` adds capfilt alone on 1x, 2x and 4x the images (seconds, peak memory growth).
 Usage: `python benchmarks/bootstrap.py [--quick] [--presets tiny base] [--threads N] [--scaling]`.
 """
@@ -45,6 +47,7 @@ from PIL import Image
 from components.batch_inference import Images, Loaded, for_inference, inference_dtype, tokenize
 from components.bootstrap import Models, process_shard
 from components.config import BootstrapConfig, TokenizerConfig
+from components.hardware import cpu_native_bf16
 from components.shards import ShardWriter
 from components.tokenizer import train_tokenizer
 from models.config import resolve_config
@@ -259,7 +262,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     presets = args.presets or (["tiny"] if args.quick else ["tiny", "base"])
-    summary: dict = {"device": str(dev), "threads": torch.get_num_threads(), "quick": args.quick, "results": {}}
+    summary: dict = {"device": str(dev), "threads": torch.get_num_threads(), "quick": args.quick,
+                     "cpu_native_bf16": cpu_native_bf16(), "results": {}}
+    if dev.type == "cpu" and not summary["cpu_native_bf16"]:
+        print("this CPU has no AVX512-BF16 or AMX: PyTorch emulates bf16, so the bf16 figures measure the "
+              "emulation", flush=True)
     for preset in presets:
         n, batch = (128, 64) if preset == "tiny" else (16, 8)
         summary["results"].update(bench(preset, args.quick, n if not args.quick else n // 2 * 2, batch,

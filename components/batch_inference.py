@@ -30,6 +30,7 @@ from torch import Tensor
 from components.config import AugmentConfig, TextInput
 from components.data import build_transform, encode_texts
 from components.errors import CapfiltError
+from components.hardware import warn_emulated_bf16
 from components.model_io import load_any_tokenizer, load_model
 from components.shards import ShardReader
 from components.text import pre_caption
@@ -100,7 +101,8 @@ def _load(directory: Path | str, kinds: tuple[str, ...], dev: torch.device, prec
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CapfiltError(f"{directory}: no exported model (config.json missing); train or convert one first")
-    inference_dtype(dev, precision)  # an unknown precision fails before the weights are read
+    if inference_dtype(dev, precision) == torch.bfloat16 and dev.type == "cpu":  # unknown: fails here
+        warn_emulated_bf16("precision bf16")
     model = load_model(directory, kinds).to(dev).eval()
     loaded = Loaded(model, load_any_tokenizer(directory), checkpoint_hash(directory),
                     model.config.vision.image_size)

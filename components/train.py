@@ -32,6 +32,7 @@ from components import checkpoints as ckpt
 from components import distributed as D
 from components.config import ScheduleConfig, TrainConfig
 from components.errors import CapfiltError
+from components.hardware import warn_emulated_bf16
 from components.optim import build_optimizer, build_scheduler, deepspeed_config, lr_at
 from components.optim import loop_clips, resolve_precision
 from components.train_state import RunClock, capture_rng, restore_rng, seed_everything
@@ -221,6 +222,8 @@ def _build_engine(cfg: TrainConfig, schedule: ScheduleConfig, build_model: Build
     if cfg.zero_stage == 3:
         _lift_scalars(model)
     precision = resolve_precision(cfg.precision)
+    if precision == "bf16" and not torch.cuda.is_available():
+        warn_emulated_bf16("train.precision")
     if precision in _HALF:  # buffers too (ITC queues): DeepSpeed converts parameters only
         model = model.to(_HALF[precision])
     optimizer = build_optimizer(model, cfg, schedule)

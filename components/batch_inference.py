@@ -101,7 +101,8 @@ def _load(directory: Path | str, kinds: tuple[str, ...], dev: torch.device, prec
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CapfiltError(f"{directory}: no exported model (config.json missing); train or convert one first")
-    if inference_dtype(dev, precision) == torch.bfloat16 and dev.type == "cpu":  # unknown: fails here
+    # an unknown precision fails here, before the weights are read
+    if inference_dtype(dev, precision) == torch.bfloat16 and dev.type == "cpu":
         warn_emulated_bf16("precision bf16")
     model = load_model(directory, kinds).to(dev).eval()
     loaded = Loaded(model, load_any_tokenizer(directory), checkpoint_hash(directory),

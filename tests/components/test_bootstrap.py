@@ -529,8 +529,7 @@ def test_dvc_stages_match_params_and_the_stage_table():
     assert p.retrain.manifests == [f"{p.bootstrap.out}/manifest.parquet"]
 
 
-def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, tmp_path, monkeypatch, caplog):
-    from components import hardware
+def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, tmp_path, cpu_bf16_units, caplog):
     from components.batch_inference import autocast, load_filter, score_texts
 
     cfg = boot_cfg(world, tmp_path / "out")
@@ -542,9 +541,7 @@ def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, t
     images.close()
     index = torch.arange(len(web))
     scores = {}
-    hardware.warn_emulated_bf16.cache_clear()
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without bf16 units
-        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    cpu_bf16_units(False, False)  # a CPU without bf16 units
     for precision in ("fp32", "bf16"):
         with caplog.at_level(logging.WARNING, logger="components.hardware"):
             filt = bootstrap.load_models(cfg.model_copy(update={"precision": precision})).filter
@@ -556,7 +553,6 @@ def test_bf16_precision_scores_close_to_fp32_and_bad_precision_is_named(world, t
             scores[precision] = np.array(score_texts(filt, tensor, web["caption"].tolist(), index, cfg.text))
     assert np.abs(scores["bf16"] - scores["fp32"]).max() < 0.05
     assert not np.array_equal(scores["bf16"], scores["fp32"])  # bf16 really ran
-    hardware.warn_emulated_bf16.cache_clear()
     with pytest.raises(CapfiltError, match="unknown inference precision 'fp8'"):
         autocast(models.device, "fp8")
     with pytest.raises(CapfiltError, match="unknown inference precision 'fp8'"):

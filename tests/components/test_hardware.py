@@ -6,23 +6,10 @@ import torch
 from components import hardware
 
 
-@pytest.fixture
-def cpu(monkeypatch):
-    """Set what the CPU probes answer: cpu(avx512_bf16, amx)."""
-    hardware.warn_emulated_bf16.cache_clear()
-
-    def set_probes(avx512_bf16: bool, amx: bool) -> None:
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-
-    yield set_probes
-    hardware.warn_emulated_bf16.cache_clear()
-
-
 @pytest.mark.parametrize(("avx512_bf16", "amx", "native"), [(False, False, False), (True, False, True),
                                                            (False, True, True)])
-def test_native_bf16_is_either_instruction_set(cpu, avx512_bf16, amx, native):
-    cpu(avx512_bf16, amx)
+def test_native_bf16_is_either_instruction_set(cpu_bf16_units, avx512_bf16, amx, native):
+    cpu_bf16_units(avx512_bf16, amx)
     assert hardware.cpu_native_bf16() is native
 
 
@@ -32,8 +19,8 @@ def test_a_torch_without_the_probes_counts_as_no_native_bf16(monkeypatch):
     assert hardware.cpu_native_bf16() is False
 
 
-def test_emulated_bf16_is_named_once_per_setting(cpu, caplog):
-    cpu(False, False)
+def test_emulated_bf16_is_named_once_per_setting(cpu_bf16_units, caplog):
+    cpu_bf16_units(False, False)
     with caplog.at_level(logging.WARNING, logger="components.hardware"):
         assert hardware.warn_emulated_bf16("train.precision") is True
         hardware.warn_emulated_bf16("train.precision")
@@ -43,8 +30,8 @@ def test_emulated_bf16_is_named_once_per_setting(cpu, caplog):
     assert "emulated" in messages[0] and "AVX512-BF16 or AMX" in messages[0]
 
 
-def test_native_bf16_is_not_warned_about(cpu, caplog):
-    cpu(True, False)
+def test_native_bf16_is_not_warned_about(cpu_bf16_units, caplog):
+    cpu_bf16_units(True, False)
     with caplog.at_level(logging.WARNING, logger="components.hardware"):
         assert hardware.warn_emulated_bf16("train.precision") is False
     assert not caplog.records

@@ -149,16 +149,11 @@ def test_zero_stages_train_like_plain_data_parallel(tmp_path, stage):
         torch.testing.assert_close(zero.state_dict[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_trains(tmp_path, monkeypatch, caplog):
-    from components import hardware
-
-    hardware.warn_emulated_bf16.cache_clear()
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without bf16 units
-        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+def test_bf16_trains(tmp_path, cpu_bf16_units, caplog):
+    cpu_bf16_units(False, False)  # a CPU without bf16 units
     cfg, schedule = toy_configs(steps=4, precision="bf16")
     with caplog.at_level(logging.WARNING, logger="components.hardware"):
         result = run_training(cfg, schedule, Toy, toy_objective, ToyData(), tmp_path / "bf16")
-    hardware.warn_emulated_bf16.cache_clear()
     assert result.state_dict["fc1.weight"].dtype == torch.bfloat16 and result.final_loss == result.final_loss
     if not torch.cuda.is_available():  # trained on the CPU: the emulated bf16 is named
         assert any(r.getMessage().startswith("train.precision: bf16") for r in caplog.records)

@@ -169,6 +169,9 @@ class PretrainConfig(Section):
     resume_dir: str = "outputs/resume/pretrain"  # DeepSpeed checkpoints, for resuming only
     schedule: ScheduleConfig = ScheduleConfig()
     alpha_ramp_steps: int = Field(200, ge=0)  # ITC distillation weight ramps 0 -> model alpha
+    # ITC positives: "diagonal" (BLIP's pre-training: each text's own image only) or "image" (every
+    # caption of the same image in the batch and the queue, as BLIP's retrieval fine-tune does)
+    itc_positives: Literal["diagonal", "image"] = "diagonal"
     text: TextInput = TextInput()
     augment: AugmentConfig = AugmentConfig(min_scale=0.2)
     text_augment: TextAugmentConfig = TextAugmentConfig()  # off: BLIP's recipe

@@ -50,13 +50,14 @@ def _negatives(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] 
     return batch.negative_ids, batch.negative_mask, batch.has_negative
 
 
-def pretrain_objective(alpha: float, ramp_steps: int) -> Objective:
-    """ITC + ITM + LM (BlipPretrain); captions of one image are never each other's ITM negatives;
-    the batch's word-swap negatives join ITM when it has them."""
+def pretrain_objective(alpha: float, ramp_steps: int, image_positives: bool = False) -> Objective:
+    """ITC + ITM + LM (BlipPretrain); captions of one image are never each other's ITM negatives
+    (and, with `image_positives`, are each other's ITC positives); the batch's word-swap
+    negatives join ITM when it has them."""
     def objective(model: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch.image, batch.input_ids, batch.attention_mask,
                     alpha=alpha_ramp(step, ramp_steps, alpha), image_ids=batch.image_ids,
-                    negatives=_negatives(batch))
+                    negatives=_negatives(batch), image_positives=image_positives)
         return out.loss, _parts(out, ("loss_itc", "loss_itm", "loss_lm", "itm_accuracy"))
     return objective
 
@@ -104,6 +105,7 @@ class StageInputs:
     prompt: str = ""
     init: Path | None = None  # an exported BlipPretrain directory; None = random init
     negative_manifests: tuple[str, ...] = ()  # corpus-negative texts; () = the stage's own captions
+    itc_positives: str = "diagonal"  # pretrain only: "image" = same-image captions are ITC positives
 
 
 def model_config(params: Params, tokenizer: Any) -> BlipConfig:
@@ -185,8 +187,12 @@ def train_stage(params: Params, inputs: StageInputs, log_metrics: LogMetrics | N
     extra = json.dumps({"task": inputs.task, "model": to_dict(config), "text": inputs.text.model_dump(),
                         "augment": inputs.augment.model_dump(), "prompt": inputs.prompt,
                         "text_augment": inputs.text_augment.model_dump(),
-                        "ramp": inputs.alpha_ramp_steps, "data": _file_digest(sources)}, sort_keys=True)
-    objective = TASKS[inputs.task][1](config.alpha, inputs.alpha_ramp_steps)
+                        "ramp": inputs.alpha_ramp_steps, "itc_positives": inputs.itc_positives,
+                        "data": _file_digest(sources)}, sort_keys=True)
+    if inputs.task == "pretrain":
+        objective = pretrain_objective(config.alpha, inputs.alpha_ramp_steps, inputs.itc_positives == "image")
+    else:
+        objective = TASKS[inputs.task][1](config.alpha, inputs.alpha_ramp_steps)
     result = run_training(params.train, inputs.schedule, _builder(inputs.task, config, inputs.init),
                           objective, data, inputs.out, log_metrics, resume_dir=inputs.resume_dir,
                           fingerprint=extra)
@@ -202,7 +208,7 @@ def _pretrain_inputs(cfg: PretrainConfig) -> StageInputs:
     return StageInputs(task="pretrain", manifests=list(cfg.manifests), tokenizer_dir=Path(cfg.tokenizer),
                        out=Path(cfg.out), resume_dir=Path(cfg.resume_dir), schedule=cfg.schedule,
                        text=cfg.text, augment=cfg.augment, alpha_ramp_steps=cfg.alpha_ramp_steps,
-                       text_augment=cfg.text_augment)
+                       text_augment=cfg.text_augment, itc_positives=cfg.itc_positives)
 
 
 def run_pretrain(params: Params, log_metrics: LogMetrics | None = None) -> TrainResult:

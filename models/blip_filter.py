@@ -45,6 +45,8 @@ class BlipFilter(BlipEncoderBase):
     def from_pretrain_state_dict(cls, config: BlipConfig, state_dict: Mapping[str, Tensor]) -> BlipFilter:
         """A filter initialised from a `BlipPretrain` state dict (encoder side, momentum, queues)."""
         model = cls(config)
+        # A pre-training id queue names images of another corpus: the filter starts its own (-100).
+        state_dict = {k: v for k, v in state_dict.items() if k != "idx_queue"}
         load_subset(model, state_dict, may_miss={"idx_queue", "ptr_queue", "image_queue", "text_queue"})
         return model
 

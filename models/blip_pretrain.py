@@ -20,7 +20,7 @@ from torch import Tensor
 from models.blip_base import BlipEncoderBase, with_first_token
 from models.config import BlipConfig
 from models.kv_cache import ImageKV
-from models.losses import dequeue_and_enqueue, diagonal_targets, itc_loss, lm_labels, lm_loss
+from models.losses import dequeue_and_enqueue, diagonal_targets, image_id_targets, itc_loss, lm_labels, lm_loss
 from models.med import TextDecoder, TextTransformer
 
 ITM_EPS = 1e-4  # added to the pre-training sampling weights after the softmax (BLIP)
@@ -57,14 +57,19 @@ class BlipPretrain(BlipEncoderBase):
         self.text_decoder.tie_weights()
         self._build_momentum()
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # The image ids of the queued features (-100: unknown); read only with `image_positives`.
+        self.register_buffer("idx_queue", torch.full((1, config.queue_size), -100, dtype=torch.long))
 
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 image_ids: Tensor | None = None, generator: torch.Generator | None = None,
-                negatives: tuple[Tensor, Tensor, Tensor] | None = None) -> PretrainOutput:
+                negatives: tuple[Tensor, Tensor, Tensor] | None = None,
+                image_positives: bool = False) -> PretrainOutput:
         """image (B, 3, H, W); input_ids (B, T) `[CLS] ... [SEP] [PAD]...`; attention_mask (B, T).
 
         `alpha` is the current distillation weight (see `losses.alpha_ramp`). `image_ids` (B,),
-        when given, keeps captions of the same image from being drawn as ITM negatives.
+        when given, keeps captions of the same image from being drawn as ITM negatives; with
+        `image_positives` they are also ITC positives (in the batch and in the queue) instead of
+        negatives, as in BLIP's retrieval fine-tune; off: BLIP's pre-training (the diagonal).
         `negatives` = (ids (B, T), mask (B, T), valid (B,) bool): extra ITM negative texts, row i
         matched against image i where valid (word-swap negatives; only ITM sees them).
         """
@@ -79,13 +84,21 @@ class BlipPretrain(BlipEncoderBase):
 
         image_feat_m, text_feat_m = self.momentum_features(image, text_ids, attention_mask)
         batch = image.shape[0]
-        targets = diagonal_targets(batch, self.config.queue_size, image.device)
+        if image_positives and image_ids is None:
+            raise ValueError("image_positives needs image_ids")
+        if image_ids is not None:
+            image_ids = image_ids.view(-1).to(device=image.device, dtype=torch.long)
+        queue_ids = image_ids if image_ids is not None else torch.full(
+            (batch,), -100, dtype=torch.long, device=image.device)
+        targets = (image_id_targets(queue_ids, self.idx_queue) if image_positives
+                   else diagonal_targets(batch, self.config.queue_size, image.device))
         # A copy of temp: autograd then keeps no reference to the parameter, which ZeRO-3 frees
         # after forward (it cannot hook this dataclass output to fetch it back for backward).
         loss_itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
                             self.text_queue, self.temp.clone(), alpha, targets)
         dequeue_and_enqueue(self.queue_ptr, [(self.image_queue, self.gather(image_feat_m)),
-                                             (self.text_queue, self.gather(text_feat_m))])
+                                             (self.text_queue, self.gather(text_feat_m)),
+                                             (self.idx_queue, self.gather(queue_ids).view(-1, 1))])
 
         image_kv = self.text_encoder.image_kv(image_embeds)  # once per layer, B images
         loss_itm, itm_accuracy = self._itm(image_kv, input_ids, attention_mask, image_feat, text_feat,

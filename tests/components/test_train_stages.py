@@ -102,7 +102,14 @@ def test_retrain_runs_on_any_valid_manifest_and_bad_input_is_a_message(corpus, t
     _, manifest, tok = corpus
     params = write_params(tmp_path, manifest, tok, steps=2)
     assert cli.main(["stage", "retrain", "--params", str(params)]) == 0
-    assert load_model_dir(tmp_path / "outputs/retrain/model", BlipPretrain) is not None
+    queued = load_model_dir(tmp_path / "outputs/retrain/model", BlipPretrain).idx_queue
+    assert queued.ge(0).sum() == 2 * 8 and queued.max() < 48  # 2 steps of 8 captions of the 48 images
+    image_pos = ["--set", "retrain.itc_positives=image", "--set", f"retrain.out={tmp_path / 'img'}",
+                 "--set", f"retrain.resume_dir={tmp_path / 'img_resume'}"]
+    assert cli.main(["stage", "retrain", "--params", str(params), *image_pos]) == 0
+    assert load_model_dir(tmp_path / "img/model", BlipPretrain).idx_queue.ge(0).sum() == 2 * 8
+    assert cli.main(["stage", "retrain", "--params", str(params), "--set", "retrain.itc_positives=images"]) == 2
+    assert "itc_positives" in capsys.readouterr().err
     missing = ["--set", f"retrain.manifests=[{tmp_path / 'nope.parquet'}]"]
     assert cli.main(["stage", "retrain", "--params", str(params), *missing]) == 2
     assert "nope.parquet: manifest not found" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """BLIP models: presets, encoder/decoder sharing, decoupling, momentum, queues, ITM scoring."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from models.blip import BlipCaptioner, BlipFilter, BlipPretrain, count_parameters
 from models.blip_base import with_first_token
 from models.config import resolve_config
-from models.losses import itm_labels, itm_loss, lm_labels, lm_loss
+from models.losses import image_id_targets, itm_labels, itm_loss, lm_labels, lm_loss
 
 TINY = resolve_config("tiny", {"text.num_layers": 2, "vision.depth": 2, "queue_size": 16, "text.vocab_size": 60})
 B, T = 4, 8
@@ -210,6 +212,32 @@ def test_filter_step_with_image_id_positives():
     # every caption of one image: no negative exists, ITM falls back to positives only
     same = filt(image, ids, mask, torch.zeros(B, dtype=torch.long), alpha=0.4)
     assert torch.isfinite(same.loss)
+
+
+def test_pretrain_itc_image_positives():
+    torch.manual_seed(0)
+    base = BlipPretrain(TINY)
+    image, ids, mask = _batch()
+
+    def step(model, image_ids, image_positives):
+        return model(image, ids, mask, alpha=0.4, image_ids=image_ids, image_positives=image_positives,
+                     generator=torch.Generator().manual_seed(0))
+    distinct = torch.arange(B)
+    plain = step(copy.deepcopy(base), distinct, False)
+    # distinct ids and an empty id queue: the targets are BLIP's diagonal, so is the loss
+    torch.testing.assert_close(step(copy.deepcopy(base), distinct, True).loss_itc, plain.loss_itc)
+    shared = torch.tensor([5, 5, 6, 7])
+    model = copy.deepcopy(base)
+    with_pos = step(model, shared, True)
+    assert not torch.allclose(with_pos.loss_itc, step(copy.deepcopy(base), shared, False).loss_itc)
+    assert model.idx_queue[0, :B].tolist() == [5, 5, 6, 7] and model.idx_queue[0, B:].eq(-100).all()
+    # next step: the queued captions of image 5 are positives of this batch's image-5 rows
+    targets = image_id_targets(shared, model.idx_queue)
+    assert targets[0, B:B + 2].tolist() == [0.25, 0.25] and targets[2, B + 2].item() == 0.5
+    with pytest.raises(ValueError, match="image_positives needs image_ids"):
+        step(copy.deepcopy(base), None, True)
+    # a filter built from this pre-trained state starts its own id queue
+    assert BlipFilter.from_pretrain_state_dict(TINY, model.state_dict()).idx_queue.eq(-100).all()
 
 
 @pytest.mark.parametrize("cls", [BlipPretrain, BlipFilter])

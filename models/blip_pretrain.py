@@ -50,6 +50,9 @@ def tie_encoder_decoder(encoder: TextTransformer, decoder: TextTransformer, shar
 class BlipPretrain(BlipEncoderBase):
     """ViT + text encoder + text decoder (shared), projections, ITM head, momentum copies, queues."""
 
+    # Checkpoints exported before the image-id queue existed lack it: it then starts empty.
+    optional_state_keys = frozenset({"idx_queue"})
+
     def __init__(self, config: BlipConfig) -> None:
         super().__init__(config)
         self.text_decoder = TextDecoder(config.text, config.vision.width)

@@ -101,6 +101,23 @@ def test_loading_names_missing_unexpected_and_misshaped_keys(tmp_path):
         ckpt.load_model_dir(tmp_path / "nowhere", Tied)
 
 
+def test_optional_keys_an_older_checkpoint_lacks_keep_their_initial_values(tmp_path):
+    out = ckpt.save_model_dir(tmp_path / "m", Tied(), {"vocab": 7, "width": 4})
+
+    class Newer(Tied):
+        optional_state_keys = frozenset({"ids"})
+
+        def __init__(self, vocab: int = 7, width: int = 4) -> None:
+            super().__init__(vocab, width)
+            self.register_buffer("ids", torch.full((1, 3), -100))
+
+    loaded = ckpt.load_model_dir(out, Newer)
+    assert loaded.ids.eq(-100).all() and loaded.head.weight is loaded.embed.weight
+    stripped = {k: v for k, v in Tied().state_dict().items() if k != "temp"}
+    with pytest.raises(CapfiltError, match="missing keys: temp$"):  # only the listed keys may be absent
+        ckpt.load_state_strict(Newer(), stripped, "old")
+
+
 def test_export_replaces_an_old_directory_atomically(tmp_path):
     target = tmp_path / "m"
     target.mkdir()

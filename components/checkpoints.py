@@ -207,8 +207,8 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     except keys the model lists in `optional_state_keys` (newer buffers; they keep their initial
     values when an older checkpoint lacks them)."""
     own = model.state_dict()
-    optional = set(getattr(model, "optional_state_keys", ()))
-    missing = sorted(set(own) - set(state) - optional)
+    absent = set(own) - set(state)
+    missing = sorted(absent - set(getattr(model, "optional_state_keys", ())))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     problems = []
@@ -218,7 +218,7 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
             problems.append(f"{label} keys: {shown}")
     if problems:
         raise CapfiltError(f"{source}: does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(dict(state), strict=not optional & (set(own) - set(state)))
+    model.load_state_dict(dict(state), strict=not absent)  # absent: only optional keys by now
 
 
 def load_model_dir(directory: Path | str, cls: Callable[..., M] | type[M]) -> M:

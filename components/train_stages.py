@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class StageInputs:
     prompt: str = ""
     init: Path | None = None  # an exported BlipPretrain directory; None = random init
     negative_manifests: tuple[str, ...] = ()  # corpus-negative texts; () = the stage's own captions
-    itc_positives: str = "diagonal"  # pretrain only: "image" = same-image captions are ITC positives
+    itc_positives: Literal["diagonal", "image"] = "diagonal"  # pretrain only (PretrainConfig)
 
 
 def model_config(params: Params, tokenizer: Any) -> BlipConfig:

@@ -1,10 +1,11 @@
-"""Round 2's stages re-run on other inputs: the ablation's variants and the extra bootstrap rounds.
+"""The pipeline's stages re-run on other inputs: the ablation's variants, the extra bootstrap
+rounds and the training draws.
 
 A chain calls the stages themselves — `capfilt stage bootstrap | retrain | finetune2-captioner |
-finetune2-filter` as subprocesses, so several ranks through the deepspeed launcher work as in the
+finetune2-filter`, or round 1's `pretrain | finetune-captioner | finetune-filter` — as subprocesses, so several ranks through the deepspeed launcher work as in the
 pipeline — with `--set` overrides of their input, output and resume paths only. The parameters
 the calling stage was given are written once to `<root>/params.yaml` and every subprocess reads
-that file, so every other parameter is round 2's. A chain resumes: a step whose result exists
+that file, so every other parameter is the pipeline's (or what the caller changed, e.g. the seed). A chain resumes: a step whose result exists
 (an exported model, a bootstrap metrics.json) is skipped, and a training step killed mid-way
 continues from its checkpoints under `resume`. `<root>/chain.json` records what the chain was
 built from (the params sections it uses, the digests of its input files and of the training
@@ -54,6 +55,10 @@ class Chain:
     @property
     def bootstrap(self) -> Path:
         return self.root / "bootstrap"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
 
     @property
     def retrain(self) -> Path:
@@ -134,18 +139,32 @@ def bootstrap_step(chain: Chain, captioner: Path, filter_dir: Path) -> Path:
     return chain.bootstrap / "manifest.parquet"
 
 
+def _finetune_steps(chain: Chain, round_: int, init: Path) -> tuple[Path, Path]:
+    """Both fine-tunes of `round_` (1: finetune-*, 2: finetune2-*) from `init`; (captioner, filter) dirs."""
+    stage, key = ("finetune", "round1") if round_ == 1 else ("finetune2", "round2")
+    for task in ("captioner", "filter"):
+        if not (chain.model(task) / "config.json").is_file():  # exported atomically, last
+            run_stage_process(f"{stage}-{task}", chain, {f"finetune.{key}_init": str(init),
+                                                         f"finetune.{key}_out": str(chain.finetune),
+                                                         "finetune.resume_dir": str(chain.resume)})
+    return chain.model("captioner"), chain.model("filter")
+
+
+def pretrain_chain(chain: Chain) -> tuple[Path, Path]:
+    """Round 1's training on `pretrain.manifests`: pretrain, then both fine-tunes; (captioner, filter) dirs."""
+    if not (chain.pretrain / "model" / "config.json").is_file():
+        run_stage_process("pretrain", chain, {"pretrain.out": str(chain.pretrain),
+                                              "pretrain.resume_dir": str(chain.resume / "pretrain")})
+    return _finetune_steps(chain, 1, chain.pretrain / "model")
+
+
 def train_chain(chain: Chain, manifests: list[Path]) -> tuple[Path, Path]:
     """Round 2's training on `manifests`: retrain, then both fine-tunes; (captioner, filter) dirs."""
     if not (chain.retrain / "model" / "config.json").is_file():  # exported atomically, last
         run_stage_process("retrain", chain, {"retrain.manifests": [str(m) for m in manifests],
                                              "retrain.out": str(chain.retrain),
                                              "retrain.resume_dir": str(chain.resume / "retrain")})
-    for task in ("captioner", "filter"):
-        if not (chain.model(task) / "config.json").is_file():
-            run_stage_process(f"finetune2-{task}", chain, {"finetune.round2_init": str(chain.retrain / "model"),
-                                                           "finetune.round2_out": str(chain.finetune),
-                                                           "finetune.resume_dir": str(chain.resume)})
-    return chain.model("captioner"), chain.model("filter")
+    return _finetune_steps(chain, 2, chain.retrain / "model")
 
 
 def sections(params: Params, names: tuple[str, ...],

@@ -464,6 +464,10 @@ class EvaluateConfig(Section):
     ablation: bool = False  # the ablation stage trains the captioner-only and filter-only corpora
     ablation_out: str = "outputs/ablation"  # the ablation stage: metrics.json, variants/<variant>/
     rounds_out: str = "outputs/rounds"  # the rounds stage's outputs (bootstrap.rounds_out)
+    # the draws stage re-trains both rounds at train.seed + 1 .. + draws on the run's corpora; the
+    # gain is then also reported as a mean over training draws (components/draws.py); 0 = off
+    draws: int = Field(0, ge=0)
+    draws_out: str = "outputs/draws"  # the draws stage: metrics.json, chains/seed<s>/round<r>/
     # other bootstrap outputs of the same web set (e.g. `decoding: beam` into another `out`): their
     # synthetic captions' noise ratio is compared with `bootstrap`'s (BLIP's nucleus vs beam table)
     decoding_runs: list[str] = []

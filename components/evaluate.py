@@ -13,7 +13,9 @@ AUROC of web-text ITM scores for clean (`correct`) vs noisy texts, precision and
 removal (noise = positive), kept fractions per noise kind, and the share of kept synthetic
 captions that are not exactly right. Outputs: metrics.json, plots, report.html (components/report.py).
 With `ablation: true` metrics.json also gets `ablation` (none = round 1, captioner, filter, both =
-round 2; components/ablation.py), and `rounds` holds rounds 3.. when the rounds stage ran them.
+round 2; components/ablation.py), `rounds` holds rounds 3.. when the rounds stage ran them, and
+with `draws: N` `draws` holds the gain of each training draw (the run's and the draws stage's N;
+components/draws.py) and its mean over draws with a t-interval.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from components.bootstrap_merge import filter_scores, write_json
 from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
-from components.significance import Tally, auroc, paired_intervals
+from components.significance import Tally, auroc, mean_interval, paired_intervals
 from components.synth_score import ATTRIBUTES, caption_hits, scene_of, score_captions
 
 log = logging.getLogger(__name__)
@@ -475,6 +477,35 @@ def extra_rounds(cfg: EvaluateConfig) -> dict[str, Any] | None:
     return rounds["test"]
 
 
+def draw_gains(cfg: EvaluateConfig, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The gain over training draws when the draws stage ran: each draw's rounds and gain (the
+    run's own draw first), and per metric the mean gain with its t-interval (`summary`)."""
+    if cfg.draws == 0:
+        return None
+    path = Path(cfg.draws_out) / "metrics.json"
+    stage = _stage_metrics(path)
+    if stage is None or not stage.get("enabled") or len(stage.get("seeds", [])) != cfg.draws:
+        raise CapfiltError(f"{path}: no results for {cfg.draws} draws; run the draws stage with "
+                           f"evaluate.draws: {cfg.draws}")
+    runs = {f"seed{stage['run_seed']}": {"round1": metrics["round1"], "round2": metrics["round2"]},
+            **stage["draws"]}
+    keys = [k for k, v in metrics["round1"].items() if isinstance(v, float)]
+    draws, gains = {}, {}
+    for name, pair in runs.items():
+        gain = {k: pair["round2"][k] - pair["round1"][k] for k in keys
+                if pair["round1"].get(k) is not None and pair["round2"].get(k) is not None}
+        draws[name] = {**pair, "gain": gain}
+        for k, v in gain.items():
+            gains.setdefault(k, []).append(v)
+    summary = {k: mean_interval(v, cfg.confidence) for k, v in gains.items() if len(v) >= 2}
+    for k in HEADLINE:
+        if k in summary:
+            s = summary[k]
+            log.info("draws: %s gain %+.3f [%+.3f, %+.3f] over %d draws, up in %d", k, s["mean"], s["low"],
+                     s["high"], s["n"], s["up"])
+    return {"run": f"seed{stage['run_seed']}", "confidence": cfg.confidence, "draws": draws, "summary": summary}
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """`capfilt stage evaluate`: metrics.json, plots and report.html under `cfg.out`."""
     from components.synth_score import load_scenes
@@ -503,6 +534,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         if truth is not None:
             metrics["filter"] = filter_metrics(decisions, truth, web_scenes, Path(cfg.bootstrap))
     for key, extra in (("ablation", ablation_rows(cfg, metrics)), ("rounds", extra_rounds(cfg)),
+                       ("draws", draw_gains(cfg, metrics)),
                        ("decoding", decoding_comparison(cfg, web_scenes, decisions))):
         if extra is not None:
             metrics[key] = extra

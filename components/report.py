@@ -7,7 +7,8 @@ base64 PNG, no script or external resource. It shows the headline table, the fil
 both plots, and a grid of web images with their web text (struck through when the filter removed
 it), their synthetic caption(s), scores and, when known, the noise kind. Rounds 3.. (the rounds
 stage) become extra columns and bars; the CapFilt ablation, when run, a table and the same two
-panels as the rounds' plot (scores; changes against no CapFilt).
+panels as the rounds' plot (scores; changes against no CapFilt); the training draws, when run, a
+table of the mean gain over draws and a panel per metric of each draw's gain.
 """
 
 from __future__ import annotations
@@ -185,6 +186,64 @@ def plot_ablation(table: pd.DataFrame) -> bytes:
     return plot_changes(by_metric, columns, table["variant"].tolist(), table["variant"].iloc[0])
 
 
+def draw_keys(draws: dict[str, Any]) -> list[str]:
+    """The summarised metrics of `metrics["draws"]`: the headline ones first, then the rest."""
+    summary = draws["summary"]
+    return [k for k in HEADLINE if k in summary] + [k for k in summary if k not in HEADLINE]
+
+
+def draws_table(draws: dict[str, Any]) -> pd.DataFrame:
+    """One row per metric: the mean gain over training draws, its interval, sd, draws with a gain
+    above 0, then each draw's gain (the run's own draw first)."""
+    names = list(draws["draws"])
+    rows = []
+    for k in draw_keys(draws):
+        s = draws["summary"][k]
+        rows.append([k, s["mean"], s["low"], s["high"], s["sd"], f"{s['up']} of {s['n']}",
+                     *(draws["draws"][n]["gain"].get(k) for n in names)])
+    labels = [f"{n} (run)" if n == draws["run"] else n for n in names]
+    return pd.DataFrame(rows, columns=["metric", "mean gain", "low", "high", "sd", "up", *labels])
+
+
+def plot_draws(draws: dict[str, Any]) -> bytes:
+    """One panel per metric: each training draw's gain (round 2 - round 1) as a dot, the run's own
+    draw as a diamond, the mean over draws as a line in its shaded interval, and 0 dashed. Each
+    panel has its own scale (CIDEr's gains are ten times the accuracies')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys, names = draw_keys(draws), list(draws["draws"])
+    cols = 4
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * len(names) * rows + 1.3 * rows + 0.6),
+                             squeeze=False)
+    y = np.arange(len(names))
+    for i, (ax, k) in enumerate(zip(axes.flat, keys)):
+        s = draws["summary"][k]
+        gains = np.array([draws["draws"][n]["gain"].get(k, np.nan) for n in names], dtype=float)
+        ax.axvspan(s["low"], s["high"], color="tab:blue", alpha=0.15)
+        ax.axvline(s["mean"], color="tab:blue", linewidth=1.5)
+        ax.axvline(0, color="black", linestyle="--", linewidth=0.8)
+        run = np.array([n == draws["run"] for n in names])
+        colour = np.where(gains > 0, "tab:green", "tab:red")
+        ax.scatter(gains[~run], y[~run], c=colour[~run], s=25, zorder=3)
+        ax.scatter(gains[run], y[run], c=colour[run], s=45, marker="D", zorder=3)
+        ax.set_yticks(y, names if i % cols == 0 else [""] * len(names), fontsize=8)
+        ax.set_ylim(len(names) - 0.5, -0.5)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{k}\n{s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}], up {s['up']}/{s['n']}", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"round 2 - round 1 per training draw (diamond: the run's); line and band: mean and its "
+                 f"{100 * draws['confidence']:.0f}% t-interval", fontsize=10)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
 def plot_histogram(hist: pd.DataFrame, threshold: float | None, xlabel: str = SCORE_LABELS["itm"]) -> bytes:
     import matplotlib
 
@@ -316,6 +375,13 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
     if "ablation" in metrics:
         parts += ["<h2>CapFilt ablation (pre-training pairs by source; test metrics)</h2>",
                   _table(ablation_table(metrics))]
+    if "draws" in metrics:
+        d = metrics["draws"]
+        parts += [f"<h2>Gain over {len(d['draws'])} training draws (round 2 − round 1 at each seed)</h2>",
+                  f"<p>Both rounds re-trained at each seed on the run's corpora (the draws stage); low, high: "
+                  f"the {100 * d['confidence']:.0f}% Student-t interval of the mean gain, each seed's pair "
+                  "taken as an independent draw; up: draws in which round 2 scored higher.</p>",
+                  _table(draws_table(d))]
     if "filter" in metrics:
         parts += ["<h2>Filter vs web ground truth</h2>", _table(_filter_table(metrics["filter"]))]
     if "decoding" in metrics:
@@ -353,4 +419,6 @@ def write_outputs(out: Path, metrics: dict[str, Any], decisions: pd.DataFrame | 
         atomic.write_bytes(out / "plots" / f"{name}.png", data)
     if "ablation" in metrics:  # only in the page: the plots/ files are the stage's declared outputs
         pngs["ablation"] = plot_ablation(ablation_table(metrics))
+    if "draws" in metrics:
+        pngs["draws"] = plot_draws(metrics["draws"])
     atomic.write_bytes(out / "report.html", render_html(metrics, pngs, grid).encode())

@@ -63,6 +63,12 @@ def _ablation(params: Params) -> None:
     ablation.run(params)
 
 
+def _draws(params: Params) -> None:
+    from components import draws
+
+    draws.run(params)
+
+
 def _evaluate(params: Params) -> None:
     from components import evaluate
 
@@ -87,6 +93,7 @@ STAGES: dict[str, Callable[[Params], None]] = {
     "bootstrap": _bootstrap,
     "rounds": _rounds,  # bootstrap.rounds > 1: rounds 3.. as subprocess chains of the stages above
     "ablation": _ablation,  # evaluate.ablation: the captioner-only and filter-only corpora, likewise
+    "draws": _draws,  # evaluate.draws: both rounds re-trained at other seeds, likewise
     "evaluate": _evaluate,
 }
 

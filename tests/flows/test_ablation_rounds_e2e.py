@@ -1,7 +1,8 @@
-"""The ablation and rounds stages for real: `dvc repro` of the project's dvc.yaml on a shrunken
-corpus and tiny model with `evaluate.ablation: true` and `bootstrap.rounds: 2`. Both variants and
-round 3 are trained through subprocess stage chains and evaluated; evaluate tabulates them; a
-second run of either stage re-uses the finished chains."""
+"""The ablation, rounds and draws stages for real: `dvc repro` of the project's dvc.yaml on a
+shrunken corpus and tiny model with `evaluate.ablation: true`, `bootstrap.rounds: 2` and
+`evaluate.draws: 1`. Both variants, round 3 and a second training draw of rounds 1 and 2 are
+trained through subprocess stage chains and evaluated; evaluate tabulates them; a second run of
+each stage re-uses the finished chains."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def project(tmp_path_factory) -> Path:
     init_repo(root)
     sh([str(BIN / "capfilt"), "synth", "--out", "data", "--set", "synth.n_human=24",
         "--set", "synth.n_web=24", "--set", "synth.n_test=8"], root)
-    apply_overrides(root / "params.yaml", [*SHRINK, "evaluate.ablation=true", "bootstrap.rounds=2"])
+    apply_overrides(root / "params.yaml", [*SHRINK, "evaluate.ablation=true", "bootstrap.rounds=2",
+                                           "evaluate.draws=1"])
     sh([str(BIN / "dvc"), "repro"], root, timeout=1800)
     return root
 
@@ -92,13 +94,41 @@ def test_a_second_round_bootstraps_with_round_two_models(project):
     assert "<th>round3</th>" in (project / "outputs/evaluate/report.html").read_text()
 
 
+def test_a_draw_retrains_both_rounds_at_the_next_seed_and_evaluate_averages_the_gains(project):
+    seed = load_params(project / "params.yaml").train.seed
+    stage = _json(project / "outputs/draws/metrics.json")
+    assert stage["enabled"] and stage["run_seed"] == seed and stage["seeds"] == [seed + 1]
+    root = project / f"outputs/draws/chains/seed{seed + 1}"
+    for round_, first in (("round1", "pretrain"), ("round2", "retrain")):
+        assert load_params(root / round_ / "params.yaml").train.seed == seed + 1
+        for step in (f"{first}/model", "finetune/captioner/model", "finetune/filter/model"):
+            assert (root / round_ / step / "model.safetensors").is_file(), (round_, step)
+        for r in ("round1", "round2"):
+            assert all(isinstance(stage["draws"][f"seed{seed + 1}"][r][k], float) for k in HEADLINE)
+    # another seed, another model: the draw's pre-training is not the run's
+    assert checkpoint_hash(root / "round1/pretrain/model") != checkpoint_hash(project / "outputs/pretrain/model")
+    ev = _json(project / "outputs/evaluate/metrics.json")
+    draws = ev["draws"]
+    assert draws["run"] == f"seed{seed}" and list(draws["draws"]) == [f"seed{seed}", f"seed{seed + 1}"]
+    assert draws["draws"][f"seed{seed}"]["gain"]["cider"] == pytest.approx(ev["gain"]["cider"])
+    extra = stage["draws"][f"seed{seed + 1}"]
+    assert draws["draws"][f"seed{seed + 1}"]["gain"]["cider"] == pytest.approx(extra["round2"]["cider"] - extra["round1"]["cider"])
+    assert draws["summary"]["cider"]["n"] == 2
+    assert draws["summary"]["cider"]["mean"] == pytest.approx((ev["gain"]["cider"] + extra["round2"]["cider"]
+                                                               - extra["round1"]["cider"]) / 2)
+    assert "training draws" in (project / "outputs/evaluate/report.html").read_text()
+
+
 def test_a_second_run_reuses_the_finished_chains(project):
     roots = [project / "outputs/ablation/variants/captioner", project / "outputs/ablation/variants/filter",
              project / "outputs/rounds/extra/round3"]
     models = [r / step / "model.safetensors" for r in roots
               for step in ("retrain/model", "finetune/captioner/model", "finetune/filter/model")]
+    draw = next((project / "outputs/draws/chains").iterdir())
+    models += [draw / step / "model.safetensors" for step in ("round1/pretrain/model", "round2/retrain/model",
+                                                              "round1/finetune/filter/model")]
     before = {p: p.stat().st_mtime_ns for p in models}
-    for stage in ("ablation", "rounds"):
+    for stage in ("ablation", "rounds", "draws"):
         sh([str(BIN / "capfilt"), "stage", stage], project, timeout=600)
     assert {p: p.stat().st_mtime_ns for p in models} == before
     assert _json(project / "outputs/ablation/metrics.json")["enabled"]

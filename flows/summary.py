@@ -16,8 +16,9 @@ from flows.tracking import numeric_leaves
 
 
 def round_table(metrics_file: Path) -> list[dict[str, Any]]:
-    """Rows {metric, round1, round2, gain, interval} from the evaluate metrics ([low, high] of the
-    gain when evaluate resampled the test set, else None), [] when absent."""
+    """Rows {metric, round1, round2, gain, interval, draws} from the evaluate metrics (interval:
+    [low, high] of the gain when evaluate resampled the test set; draws: the mean gain over
+    training draws {mean, low, high, n, up} when the draws stage ran; else None), [] when absent."""
     if not metrics_file.is_file():
         return []
     try:
@@ -28,18 +29,24 @@ def round_table(metrics_file: Path) -> list[dict[str, Any]]:
     r2 = numeric_leaves(data.get("round2", {}))
     gain = numeric_leaves(data.get("gain", {}))
     intervals = data.get("gain_interval", {}).get("metrics", {})
+    over_draws = data.get("draws", {}).get("summary", {})
     rows = []
     for key in sorted(set(r1) | set(r2)):
         delta = gain.get(key, r2[key] - r1[key] if key in r1 and key in r2 else None)
         iv = intervals.get(key)
         rows.append({"metric": key, "round1": r1.get(key), "round2": r2.get(key), "gain": delta,
-                     "interval": [iv["low"], iv["high"]] if iv else None})
+                     "interval": [iv["low"], iv["high"]] if iv else None, "draws": over_draws.get(key)})
     return rows
 
 
 def _interval(row: dict[str, Any]) -> str:
     iv = row.get("interval")
     return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else "-"
+
+
+def _draws(row: dict[str, Any]) -> str:
+    d = row.get("draws")
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], up in {d['up']} of {d['n']}" if d else "-"
 
 
 def find_reports(root: Path, outs: list[str]) -> dict[str, list[str]]:
@@ -76,10 +83,11 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s.get('run_id') or '-'} |")
     if summary.get("rounds"):
         lines += ["", "## Round 1 (noisy) vs round 2 (bootstrapped)", "",
-                  "| metric | round 1 | round 2 | gain | gain interval (resampled test set) |", "|---|---|---|---|---|"]
+                  "| metric | round 1 | round 2 | gain | gain interval (resampled test set) "
+                  "| mean gain over training draws |", "|---|---|---|---|---|---|"]
         for r in summary["rounds"]:
             lines.append(f"| {r['metric']} | {_fmt(r['round1'])} | {_fmt(r['round2'])} | {_fmt(r['gain'])} "
-                         f"| {_interval(r)} |")
+                         f"| {_interval(r)} | {_draws(r)} |")
     if summary.get("kept"):
         lines += ["", "## Kept fractions", ""] + [f"- {k}: {_fmt(v)}" for k, v in summary["kept"].items()]
     if summary.get("promotions"):
@@ -98,7 +106,8 @@ def text(summary: dict[str, Any]) -> str:
     if summary.get("rounds"):
         lines += ["", "round 1 vs round 2:"]
         lines += [f"  {r['metric']}: {_fmt(r['round1'])} -> {_fmt(r['round2'])} (gain {_fmt(r['gain'])}"
-                  + (f", interval {_interval(r)})" if r.get("interval") else ")") for r in summary["rounds"]]
+                  + (f", interval {_interval(r)}" if r.get("interval") else "")
+                  + (f"; over training draws {_draws(r)})" if r.get("draws") else ")") for r in summary["rounds"]]
     if summary.get("kept"):
         lines += ["", "kept fractions: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary["kept"].items())]
     for p in summary.get("promotions", []):

@@ -3,6 +3,7 @@ credential filtering, the summary text, and the bounded failure on an unreachabl
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -66,13 +67,20 @@ def test_summary_renders_rounds_kept_and_links(tmp_path: Path):
     assert "ingest" in text and "cider: 0.5 -> 0.75 (gain 0.25)" in text
     assert "report: outputs/evaluate/report.html" in text and "MLflow UI:  mlflow ui" in text
     md = summary.markdown(result)
-    assert "| cider | 0.5 | 0.75 | 0.25 | - |" in md and "bootstrap.kept_fraction: 0.4" in md
+    assert "| cider | 0.5 | 0.75 | 0.25 | - | - |" in md and "bootstrap.kept_fraction: 0.4" in md
     metrics.write_text('{"round1": {"cider": 0.5}, "round2": {"cider": 0.75}, "gain": {"cider": 0.25}, '
                        '"gain_interval": {"confidence": 0.95, "resamples": 10, "metrics": '
                        '{"cider": {"gain": 0.25, "low": -0.02, "high": 0.5, "above_zero": 0.9}}}}')
     result["rounds"] = summary.round_table(metrics)
     assert "cider: 0.5 -> 0.75 (gain 0.25, interval [-0.020, +0.500])" in summary.text(result)
-    assert "| cider | 0.5 | 0.75 | 0.25 | [-0.020, +0.500] |" in summary.markdown(result)
+    assert "| cider | 0.5 | 0.75 | 0.25 | [-0.020, +0.500] | - |" in summary.markdown(result)
+    data = json.loads(metrics.read_text())  # with the draws stage: the mean gain over training draws
+    data["draws"] = {"summary": {"cider": {"mean": 0.2, "low": -0.1, "high": 0.5, "sd": 0.1, "n": 3, "up": 2}}}
+    metrics.write_text(json.dumps(data))
+    result["rounds"] = summary.round_table(metrics)
+    assert ("cider: 0.5 -> 0.75 (gain 0.25, interval [-0.020, +0.500]; over training draws "
+            "+0.200 [-0.100, +0.500], up in 2 of 3)") in summary.text(result)
+    assert "| [-0.020, +0.500] | +0.200 [-0.100, +0.500], up in 2 of 3 |" in summary.markdown(result)
 
 
 def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path: Path, monkeypatch):

@@ -41,12 +41,9 @@ def draw_seeds(params: Params) -> list[int]:
 def draw_chain(params: Params, seed: int, round_: int) -> chain.Chain:
     """The chain that trains `round_` (1 or 2) at `seed`, every other parameter as given."""
     seeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
-    if round_ == 1:
-        inputs = [*map(Path, seeded.pretrain.manifests), Path(seeded.pretrain.tokenizer)]
-        names = ("pretrain", "validation", *chain.TRAINING_SECTIONS)
-    else:
-        inputs = [*map(Path, seeded.retrain.manifests), Path(seeded.retrain.tokenizer)]
-        names = ("validation", *chain.TRAINING_SECTIONS)
+    first = seeded.pretrain if round_ == 1 else seeded.retrain  # round 1 never reads `retrain`, nor 2 `pretrain`
+    inputs = [*map(Path, first.manifests), Path(first.tokenizer)]
+    names = ("pretrain" if round_ == 1 else "retrain", "model", "train", "finetune", "validation")
     settings = {"round": round_, **chain.sections(seeded, names)}
     name = Path(f"seed{seed}") / f"round{round_}"
     return chain.open_chain(seeded, Path(params.evaluate.draws_out) / "chains" / name,

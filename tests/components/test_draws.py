@@ -81,6 +81,14 @@ def test_a_finished_draw_is_skipped_and_a_changed_corpus_starts_it_afresh(params
     draws.train_draw(params, 6)
     assert [a[4] for a in argv] == ["retrain", "finetune2-captioner", "finetune2-filter"]  # round 1 kept
     assert (root / "round1/pretrain/model/config.json").is_file() and not (root / "round2/retrain").exists()
+    argv.clear()
+    other = params.model_copy(update={"retrain": params.retrain.model_copy(update={"itc_positives": "image"})})
+    draws.train_draw(other, 6)  # a round-2 setting: round 2's chain starts afresh, round 1's is kept
+    assert [a[4] for a in argv] == ["retrain", "finetune2-captioner", "finetune2-filter"]
+    argv.clear()
+    other = params.model_copy(update={"train": params.train.model_copy(update={"micro_batch": 3})})
+    draws.train_draw(other, 6)  # a setting of both rounds: both start afresh
+    assert [a[4] for a in argv][:3] == ["pretrain", "finetune-captioner", "finetune-filter"]
 
 
 def test_draws_zero_writes_its_flag_and_trains_nothing(params, monkeypatch):

@@ -2,15 +2,16 @@
 rounds and the training draws.
 
 A chain calls the stages themselves — `capfilt stage bootstrap | retrain | finetune2-captioner |
-finetune2-filter`, or round 1's `pretrain | finetune-captioner | finetune-filter` — as subprocesses, so several ranks through the deepspeed launcher work as in the
-pipeline — with `--set` overrides of their input, output and resume paths only. The parameters
-the calling stage was given are written once to `<root>/params.yaml` and every subprocess reads
-that file, so every other parameter is the pipeline's (or what the caller changed, e.g. the seed). A chain resumes: a step whose result exists
-(an exported model, a bootstrap metrics.json) is skipped, and a training step killed mid-way
-continues from its checkpoints under `resume`. `<root>/chain.json` records what the chain was
-built from (the params sections it uses, the digests of its input files and of the training
-code); when any of that changed, the chain's old outputs are deleted first, so a skipped step
-never belongs to other inputs.
+finetune2-filter`, or round 1's `pretrain | finetune-captioner | finetune-filter` — as
+subprocesses, so several ranks through the deepspeed launcher work as in the pipeline — with
+`--set` overrides of their input, output and resume paths only. The parameters the calling stage
+was given (or a copy it changed, e.g. the draws' seed) are written once to `<root>/params.yaml`
+and every subprocess reads that file, so every other parameter is the pipeline's. A chain
+resumes: a step whose result exists (an exported model, a bootstrap metrics.json) is skipped, and
+a training step killed mid-way continues from its checkpoints under `resume`. `<root>/chain.json`
+records what the chain was built from (the params sections it uses, the digests of its input
+files and of the training code); when any of that changed, the chain's old outputs are deleted
+first, so a skipped step never belongs to other inputs.
 """
 
 from __future__ import annotations

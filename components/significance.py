@@ -13,8 +13,8 @@ counts and a brevity penalty over the whole set), not a per-image mean: it gets 
 This measures test-set sampling only. Training the same round twice moves the scores too (README:
 on the embedded corpus another training seed moves attribute accuracy by up to 0.06); an interval
 that excludes 0 says the two models differ on this kind of image, not that every re-run of the
-pipeline would. The draws stage measures re-training: `mean_interval` is the mean gain over training seeds with a
-Student-t interval (each seed's pair of rounds taken as an independent draw).
+pipeline would. The draws stage measures re-training: `mean_interval` is the mean gain over
+training seeds with a Student-t interval (each seed's pair of rounds taken as an independent draw).
 
 `auroc`, the ranking statistic the bootstrap's filter check and the evaluation share, lives here too.
 """

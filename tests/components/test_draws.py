@@ -128,7 +128,8 @@ def _round(**values: float) -> dict[str, float | None]:
 def test_evaluate_pairs_each_draw_s_rounds_and_summarises_the_gain(tmp_path):
     out = tmp_path / "draws"
     cfg = EvaluateConfig(draws=2, draws_out=str(out))
-    metrics = {"round1": _round(cider=1.0, attribute_accuracy=0.90), "round2": _round(cider=1.3, attribute_accuracy=0.88)}
+    metrics = {"round1": _round(cider=1.0, attribute_accuracy=0.90),
+               "round2": _round(cider=1.3, attribute_accuracy=0.88)}
     with pytest.raises(CapfiltError, match="run the draws stage"):
         evaluate.draw_gains(cfg, metrics)
     out.mkdir()

@@ -206,8 +206,8 @@ def draws_table(draws: dict[str, Any]) -> pd.DataFrame:
 
 
 def plot_draws(draws: dict[str, Any]) -> bytes:
-    """One panel per metric: each training draw's gain (round 2 - round 1) as a dot, the run's own
-    draw as a diamond, the mean over draws as a line in its shaded interval, and 0 dashed. Each
+    """One panel per metric: each training draw's gain (round 2 - round 1) as a dot (green above 0,
+    red below, grey at 0), the run's own draw as a diamond, the mean over draws as a line in its shaded interval, and 0 dashed. Each
     panel has its own scale (CIDEr's gains are ten times the accuracies')."""
     import matplotlib
 
@@ -227,7 +227,7 @@ def plot_draws(draws: dict[str, Any]) -> bytes:
         ax.axvline(s["mean"], color="tab:blue", linewidth=1.5)
         ax.axvline(0, color="black", linestyle="--", linewidth=0.8)
         run = np.array([n == draws["run"] for n in names])
-        colour = np.where(gains > 0, "tab:green", "tab:red")
+        colour = np.where(gains > 0, "tab:green", np.where(gains < 0, "tab:red", "tab:grey"))
         ax.scatter(gains[~run], y[~run], c=colour[~run], s=25, zorder=3)
         ax.scatter(gains[run], y[run], c=colour[run], s=45, marker="D", zorder=3)
         ax.set_yticks(y, names if i % cols == 0 else [""] * len(names), fontsize=8)

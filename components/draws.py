@@ -66,14 +66,14 @@ def run(params: Params) -> dict[str, Any]:
     (out / "chains").mkdir(parents=True, exist_ok=True)  # the DVC output, even when empty
     seeds = draw_seeds(params)
     if not seeds:
-        metrics: dict[str, Any] = {"enabled": False, "seeds": []}
+        metrics: dict[str, Any] = {"enabled": False, "n_draws": 0, "seeds": []}
         atomic.write_json(out / "metrics.json", metrics)
         return metrics
     from components import evaluate
 
     models = {f"seed{s}/{r}": dirs for s in seeds for r, dirs in train_draw(params, s).items()}
     tested = evaluate.evaluate_models(params.evaluate, models)
-    metrics = {"enabled": True, "run_seed": params.train.seed, "seeds": seeds,
+    metrics = {"enabled": True, "n_draws": len(seeds), "run_seed": params.train.seed, "seeds": seeds,
                "draws": {f"seed{s}": {r: tested[f"seed{s}/{r}"] for r in ("round1", "round2")} for s in seeds}}
     atomic.write_json(out / "metrics.json", metrics)
     return metrics

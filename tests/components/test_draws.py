@@ -94,9 +94,10 @@ def test_a_finished_draw_is_skipped_and_a_changed_corpus_starts_it_afresh(params
 def test_draws_zero_writes_its_flag_and_trains_nothing(params, monkeypatch):
     argv = _record_stages(monkeypatch)
     off = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"draws": 0})})
-    assert draws.run(off) == {"enabled": False, "seeds": []}
+    off_metrics = {"enabled": False, "n_draws": 0, "seeds": []}  # n_draws: a number for MLflow to log
+    assert draws.run(off) == off_metrics
     out = Path(params.evaluate.draws_out)
-    assert json.loads((out / "metrics.json").read_text()) == {"enabled": False, "seeds": []}
+    assert json.loads((out / "metrics.json").read_text()) == off_metrics
     assert argv == [] and list((out / "chains").iterdir()) == []
 
 

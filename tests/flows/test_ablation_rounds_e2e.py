@@ -97,7 +97,7 @@ def test_a_second_round_bootstraps_with_round_two_models(project):
 def test_a_draw_retrains_both_rounds_at_the_next_seed_and_evaluate_averages_the_gains(project):
     seed = load_params(project / "params.yaml").train.seed
     stage = _json(project / "outputs/draws/metrics.json")
-    assert stage["enabled"] and stage["run_seed"] == seed and stage["seeds"] == [seed + 1]
+    assert stage["enabled"] and stage["run_seed"] == seed and stage["seeds"] == [seed + 1] and stage["n_draws"] == 1
     root = project / f"outputs/draws/chains/seed{seed + 1}"
     for round_, first in (("round1", "pretrain"), ("round2", "retrain")):
         assert load_params(root / round_ / "params.yaml").train.seed == seed + 1

@@ -112,10 +112,10 @@ def test_a_draw_retrains_both_rounds_at_the_next_seed_and_evaluate_averages_the_
     assert draws["run"] == f"seed{seed}" and list(draws["draws"]) == [f"seed{seed}", f"seed{seed + 1}"]
     assert draws["draws"][f"seed{seed}"]["gain"]["cider"] == pytest.approx(ev["gain"]["cider"])
     extra = stage["draws"][f"seed{seed + 1}"]
-    assert draws["draws"][f"seed{seed + 1}"]["gain"]["cider"] == pytest.approx(extra["round2"]["cider"] - extra["round1"]["cider"])
+    extra_gain = extra["round2"]["cider"] - extra["round1"]["cider"]
+    assert draws["draws"][f"seed{seed + 1}"]["gain"]["cider"] == pytest.approx(extra_gain)
     assert draws["summary"]["cider"]["n"] == 2
-    assert draws["summary"]["cider"]["mean"] == pytest.approx((ev["gain"]["cider"] + extra["round2"]["cider"]
-                                                               - extra["round1"]["cider"]) / 2)
+    assert draws["summary"]["cider"]["mean"] == pytest.approx((ev["gain"]["cider"] + extra_gain) / 2)
     assert "training draws" in (project / "outputs/evaluate/report.html").read_text()
 
 

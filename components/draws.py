@@ -55,8 +55,7 @@ def train_draw(params: Params, seed: int) -> dict[str, tuple[Path, Path]]:
     """Both rounds trained at `seed`: {"round1": (captioner, filter), "round2": (captioner, filter)}."""
     log.info("draw seed %d: round 1 (pretrain + fine-tunes), then round 2 (retrain + fine-tunes)", seed)
     round1 = chain.pretrain_chain(draw_chain(params, seed, 1))
-    work = draw_chain(params, seed, 2)
-    round2 = chain.train_chain(work, [Path(m) for m in params.retrain.manifests])
+    round2 = chain.train_chain(draw_chain(params, seed, 2), [Path(m) for m in params.retrain.manifests])
     return {"round1": round1, "round2": round2}
 
 

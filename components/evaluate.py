@@ -41,7 +41,7 @@ from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.significance import Tally, auroc, mean_interval, paired_intervals
-from components.synth_score import ATTRIBUTES, caption_hits, scene_of, score_captions
+from components.synth_score import ATTRIBUTES, PLACEMENT_ERRORS, caption_hits, scene_of, score_captions
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +70,38 @@ def caption_scores(captions: dict[str, str], refs: dict[str, list[str]],
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
+# metrics.json names of synth_score.PLACEMENT_ERRORS: fractions of true objects (with
+# position_accuracy they sum to 1); on the embedded corpus nearly every misplaced object sits in
+# another object's cell, a binding error rather than a wrong idea of where objects are
+PLACEMENT_KEYS = {"other_object": "position_other_object", "empty_cell": "position_empty_cell",
+                  "unplaced": "position_unplaced"}
+
+
 def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
                      tally: Tally | None = None) -> dict[str, float]:
     """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy, as
-    `score_captions` counts them; `tally` gets each image's attribute hits over its objects and
-    its exactness (in the order of `captions`)."""
+    `score_captions` counts them, and how the misplaced objects were misplaced (PLACEMENT_KEYS);
+    `tally` gets each image's attribute hits over its objects and its exactness (in the order of
+    `captions`)."""
     hits = [caption_hits(scene_of(scenes, k), c) for k, c in captions.items()]
     if not hits:
         raise CapfiltError("no captions to score")
     objects = np.array([h.objects for h in hits])
     table = np.array([h.hits for h in hits], dtype=np.float64)  # (N, 4) right per attribute
+    misplaced = np.array([h.misplaced for h in hits], dtype=np.float64)  # (N, 4) per PLACEMENT_ERRORS
     exact = np.array([h.exact for h in hits], dtype=np.float64)
     per = dict(zip(ATTRIBUTES, table.sum(axis=0) / objects.sum(), strict=True))
+    placement = {PLACEMENT_KEYS[e]: float(misplaced[:, k].sum() / objects.sum())
+                 for k, e in enumerate(PLACEMENT_ERRORS)}
     if tally is not None:
         tally.add("attribute_accuracy", table.mean(axis=1), objects)  # mean of 4 ratios, one denominator
         tally.add("strict_accuracy", exact)
         for k, a in enumerate(ATTRIBUTES):
             tally.add(f"{a}_accuracy", table[:, k], objects)
+        for k, e in enumerate(PLACEMENT_ERRORS):
+            tally.add(PLACEMENT_KEYS[e], misplaced[:, k], objects)
     return {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": float(exact.mean()),
-            **{f"{a}_accuracy": float(v) for a, v in per.items()}}
+            **{f"{a}_accuracy": float(v) for a, v in per.items()}, **placement}
 
 
 def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, text_image: np.ndarray,

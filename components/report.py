@@ -3,7 +3,8 @@
 `plots/rounds.csv` (+ `rounds.png`) holds the headline metrics of both rounds; `plots/itm_hist.csv`
 (+ `itm_hist.png`) the histogram of web-text ITM scores for clean and noisy texts (when the web
 ground truth is known). `report.html` is one self-contained page: inline CSS, every image a
-base64 PNG, no script or external resource. It shows the headline table, the filter's quality,
+base64 PNG, no script or external resource. It shows the headline table, on the embedded corpus
+the per-attribute table (with how objects were misplaced), the filter's quality,
 both plots, and a grid of web images with their web text (struck through when the filter removed
 it), their synthetic caption(s), scores and, when known, the noise kind. Rounds 3.. (the rounds
 stage) become extra columns and bars; the CapFilt ablation, when run, a table and the same two
@@ -28,6 +29,10 @@ from components import atomic
 from components.shards import ShardReader
 
 HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+# the attribute accuracies and how objects were misplaced (evaluate.PLACEMENT_KEYS): the report's
+# second table, present on the embedded corpus only
+ATTRIBUTE_ROWS = ("shape_accuracy", "colour_accuracy", "size_accuracy", "position_accuracy",
+                  "position_other_object", "position_empty_cell", "position_unplaced")
 BINS = 20
 SCORE_LABELS = {"itm": "ITM p(match)", "itm_itc": "ITM log-odds + ITC logit"}  # by bootstrap.signal
 
@@ -48,13 +53,13 @@ def _fmt(value: Any) -> str:
 INTERVAL_COLUMNS = ("gain_low", "gain_high", "p_round2_higher")
 
 
-def rounds_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """metric, round1, round2 (round3, ... from the rounds stage), gain for the headline metrics
+def rounds_table(metrics: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> pd.DataFrame:
+    """metric, round1, round2 (round3, ... from the rounds stage), gain for the `keys` metrics
     present; with the gain's interval (gain_low, gain_high, p_round2_higher) when evaluate made one."""
     extra = metrics.get("rounds", {})
     intervals = metrics.get("gain_interval", {}).get("metrics")
     rows = []
-    for k in HEADLINE:
+    for k in keys:
         if metrics["round1"].get(k) is None or metrics["round2"].get(k) is None:
             continue
         row = [k, metrics["round1"][k], metrics["round2"][k], *(m.get(k) for m in extra.values()), metrics["gain"][k]]
@@ -372,6 +377,13 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
                   "BLEU-4, a corpus statistic, has none.</p>"]
     if "test_set" in metrics:
         parts += [_test_set_line(metrics["test_set"])]
+    attributes = rounds_table(metrics, ATTRIBUTE_ROWS)
+    if len(attributes):
+        parts += ["<h2>Captions by attribute (fractions of the test images' objects)</h2>",
+                  "<p>Each caption's objects aligned with the true ones; a misplaced object is put in "
+                  "another object's cell (position_other_object: the right cells, bound to the wrong "
+                  "objects), in an empty cell, or not placed (no position said, or the object left "
+                  "out). Position accuracy and the three ways of missing it sum to 1.</p>", _table(attributes)]
     if "ablation" in metrics:
         parts += ["<h2>CapFilt ablation (pre-training pairs by source; test metrics)</h2>",
                   _table(ablation_table(metrics))]

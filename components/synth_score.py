@@ -33,6 +33,10 @@ _SHAPE_WORDS = {**{s: (s, False) for s in SHAPES},
 _ROWS = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
 _BELOW = ("below", "under", "beneath", "underneath")
 ATTRIBUTES = ("shape", "colour", "size", "position")
+# How a true object's position is missed, after alignment: put in another object's cell (the
+# caption names the right cells but binds objects to them wrongly), in an empty cell, or not placed
+# at all (no position said, or no described object aligned with it)
+PLACEMENT_ERRORS = ("other_object", "empty_cell", "unplaced")
 _MAX_PARSED = 6  # described objects beyond this are ignored when aligning (all wrong anyway)
 
 
@@ -172,11 +176,13 @@ class CaptionScore:
         return asdict(self)
 
 
-def _best_matches(truth: Scene, said: tuple[ObjectSpec, ...]) -> list[int]:
-    """Per attribute, how many true objects the best one-to-one alignment gets right."""
+def _best_alignment(truth: Scene, said: tuple[ObjectSpec, ...]) -> tuple[list[int], tuple[ObjectSpec | None, ...]]:
+    """The one-to-one alignment of described to true objects with most matching attributes (the
+    first found): per attribute how many true objects it gets right, and the described object (or
+    None) of each."""
     said = said[:_MAX_PARSED]
     slots: list[ObjectSpec | None] = list(said) + [None] * max(0, len(truth.objects) - len(said))
-    best = [0] * len(ATTRIBUTES)
+    best, best_chosen = [0] * len(ATTRIBUTES), tuple(slots[: len(truth.objects)])
     for chosen in itertools.permutations(slots, len(truth.objects)):
         hits = [0] * len(ATTRIBUTES)
         for obj, spec in zip(truth.objects, chosen, strict=True):
@@ -184,8 +190,18 @@ def _best_matches(truth: Scene, said: tuple[ObjectSpec, ...]) -> list[int]:
                 for k, attr in enumerate(ATTRIBUTES):
                     hits[k] += getattr(spec, attr) == getattr(obj, attr)
         if sum(hits) > sum(best):
-            best = hits
-    return best
+            best, best_chosen = hits, chosen
+    return best, best_chosen
+
+
+def _placement(true_cell: str, said_cell: str | None, occupied: set[str]) -> str | None:
+    """Which of PLACEMENT_ERRORS a said cell makes of a true one (`occupied`: the scene's cells);
+    None when it is right."""
+    if said_cell is None:
+        return "unplaced"
+    if said_cell == true_cell:
+        return None
+    return "other_object" if said_cell in occupied else "empty_cell"
 
 
 def _is_exact(truth: Scene, said: tuple[ObjectSpec, ...]) -> bool:
@@ -196,22 +212,30 @@ def _is_exact(truth: Scene, said: tuple[ObjectSpec, ...]) -> bool:
 
 @dataclass(frozen=True)
 class CaptionHits:
-    """One caption against its scene: true objects, per-attribute hits after alignment, exact."""
+    """One caption against its scene: true objects, per-attribute hits after alignment, exact,
+    and per PLACEMENT_ERRORS how many true objects it places that way."""
 
     objects: int
     hits: tuple[int, ...]  # per ATTRIBUTES
     exact: bool
     parsed: bool
     count: bool
+    misplaced: tuple[int, ...] = (0,) * len(PLACEMENT_ERRORS)
 
 
 def caption_hits(truth: Scene, caption: str) -> CaptionHits:
     """Score one caption against its true scene (`score_captions` sums these)."""
     parsed = parse_caption(caption)
+    n = len(truth.objects)
     if parsed is None:
-        return CaptionHits(len(truth.objects), (0,) * len(ATTRIBUTES), False, False, False)
-    return CaptionHits(len(truth.objects), tuple(_best_matches(truth, parsed.objects)),
-                       _is_exact(truth, parsed.objects), True, len(parsed.objects) == len(truth.objects))
+        unplaced = tuple(n if e == "unplaced" else 0 for e in PLACEMENT_ERRORS)
+        return CaptionHits(n, (0,) * len(ATTRIBUTES), False, False, False, unplaced)
+    hits, chosen = _best_alignment(truth, parsed.objects)
+    occupied = {o.position for o in truth.objects}
+    kinds = [_placement(o.position, s.position if s is not None else None, occupied)
+             for o, s in zip(truth.objects, chosen, strict=True)]
+    return CaptionHits(n, tuple(hits), _is_exact(truth, parsed.objects), True, len(parsed.objects) == n,
+                       tuple(kinds.count(e) for e in PLACEMENT_ERRORS))
 
 
 def scene_of(scenes: Mapping[str, Scene], key: str) -> Scene:

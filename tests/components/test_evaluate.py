@@ -62,7 +62,10 @@ def test_per_image_tallies_add_up_to_the_reported_metrics(synth_test):
     assert metrics["strict_accuracy"] == pytest.approx(counted.strict)
     assert [metrics[f"{a}_accuracy"] for a in ("shape", "colour", "size", "position")] == pytest.approx(
         [counted.shape, counted.colour, counted.size, counted.position])
-    for name in ("cider", "attribute_accuracy", "strict_accuracy", "shape_accuracy", "position_accuracy"):
+    misplaced = [metrics[k] for k in evaluate.PLACEMENT_KEYS.values()]
+    assert sum(misplaced) > 0 and metrics["position_accuracy"] + sum(misplaced) == pytest.approx(1.0)
+    for name in ("cider", "attribute_accuracy", "strict_accuracy", "shape_accuracy", "position_accuracy",
+                 *evaluate.PLACEMENT_KEYS.values()):
         assert tally.value(name) == pytest.approx(metrics[name]), name
         assert len(tally.parts[name][0]) == len(keys)
     rng = np.random.default_rng(1)
@@ -272,6 +275,7 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
         assert len(pd.read_csv(out / "plots" / f"{name}.csv")) > 0
     page = (out / "report.html").read_text()
     assert "Test set: 8 images, none byte-identical" in page
+    assert "Captions by attribute" not in page  # real data: no scenes, no attribute table
     assert page.count("Synthetic captions by decoding") == 1
     assert page.count('class="card"') == 5 and "http" not in page and "<script" not in page
     assert page.count("data:image/png;base64,") == 2 + 5
@@ -282,6 +286,24 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
         if text in page:  # every removed web text on the page is struck through
             assert f'<span class="removed">{text}</span>' in page
     assert 'class="removed"' in page and 'class="kept"' in page  # SPLIT keeps some, removes some
+
+
+def test_report_breaks_position_down_by_where_misplaced_objects_are_put(synth_test):
+    refs, scenes = synth_test
+    keys = list(refs)
+    rounds = {}
+    for name, shift in (("round1", 1), ("round2", 0)):  # round 1 shuffled, round 2 the references
+        captions = {k: refs[keys[(i + shift) % len(keys)]][0] for i, k in enumerate(keys)}
+        rounds[name] = evaluate.attribute_scores(captions, scenes)
+    gain = {k: rounds["round2"][k] - v for k, v in rounds["round1"].items()}
+    table = report.rounds_table({**rounds, "gain": gain}, report.ATTRIBUTE_ROWS).set_index("metric")
+    assert list(table.index) == list(report.ATTRIBUTE_ROWS)
+    assert table.loc["position_accuracy", "round2"] == 1.0 and table.loc["position_unplaced", "round2"] == 0.0
+    misplaced = list(evaluate.PLACEMENT_KEYS.values())
+    assert table.loc[["position_accuracy", *misplaced], "round1"].sum() == pytest.approx(1.0)
+    assert table.loc[misplaced, "gain"].sum() == pytest.approx(-table.loc["position_accuracy", "gain"])
+    page = report.render_html({**rounds, "gain": gain}, {}, "")
+    assert page.count("Captions by attribute") == 1 and "position_other_object" in page
 
 
 def test_report_cards_show_the_captioner_s_confidence_only_when_scored():

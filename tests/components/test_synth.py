@@ -285,6 +285,32 @@ def test_partial_and_unparseable_captions():
     assert score.position == 0.0
 
 
+@pytest.mark.parametrize(
+    ("caption", "misplaced"),
+    [  # per PLACEMENT_ERRORS: in another object's cell, in an empty cell, not placed
+        ("a large red ring in the top left corner, a large red ring at the top right and a small "
+         "blue square at the bottom left", (0, 0, 0)),
+        # the right cells, the square and a ring bound to each other's
+        ("a small blue square at the top right and two large red rings at the top left and the "
+         "bottom left", (2, 0, 0)),
+        ("a small blue square at the bottom right and two large red rings at the top", (0, 1, 0)),
+        ("a large red ring in the top left corner, a large red ring at the bottom right and a small "
+         "blue square at the top right", (1, 1, 0)),
+        ("a small blue square in the lower left and a large red ring in the upper left", (0, 0, 1)),
+        ("two large red rings", (0, 0, 3)),
+        ("IMG_2931.jpg", (0, 0, 3)),
+    ],
+)
+def test_misplaced_objects_are_told_apart_by_where_they_are_put(caption, misplaced):
+    from components.synth_score import PLACEMENT_ERRORS, caption_hits
+
+    hits = caption_hits(SCENE, caption)
+    assert dict(zip(PLACEMENT_ERRORS, hits.misplaced, strict=True)) == dict(
+        zip(PLACEMENT_ERRORS, misplaced, strict=True))
+    placed_right = hits.hits[3]  # ATTRIBUTES' position
+    assert placed_right + sum(hits.misplaced) == hits.objects == 3
+
+
 def test_relation_and_pair_parsing():
     parsed = parse_caption("a small blue square at the top right and a red ring to its left")
     assert [o.position for o in parsed.objects] == ["top right", "top left"]

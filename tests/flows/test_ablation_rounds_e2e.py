@@ -116,7 +116,13 @@ def test_a_draw_retrains_both_rounds_at_the_next_seed_and_evaluate_averages_the_
     assert draws["draws"][f"seed{seed + 1}"]["gain"]["cider"] == pytest.approx(extra_gain)
     assert draws["summary"]["cider"]["n"] == 2
     assert draws["summary"]["cider"]["mean"] == pytest.approx((ev["gain"]["cider"] + extra_gain) / 2)
-    assert "training draws" in (project / "outputs/evaluate/report.html").read_text()
+    # the placement breakdown travels with every round's metrics, the draws' too
+    placement = ("position_accuracy", "position_other_object", "position_empty_cell", "position_unplaced")
+    for metrics in (ev["round1"], ev["round2"], extra["round1"], extra["round2"]):
+        assert sum(metrics[k] for k in placement) == pytest.approx(1.0)
+    assert draws["summary"]["position_other_object"]["n"] == 2
+    page = (project / "outputs/evaluate/report.html").read_text()
+    assert "training draws" in page and page.count("Captions by attribute") == 1
 
 
 def test_a_second_run_reuses_the_finished_chains(project):

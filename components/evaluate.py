@@ -312,17 +312,27 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     kept = syn["kept"].to_numpy(dtype=bool)
     out["synthetic_kept"] = int(kept.sum())
     if web_scenes is not None:
-        exact = _exact(web_scenes, syn)  # each synthetic caption scored once, for both figures
+        hits = [caption_hits(scene_of(web_scenes, k), c)  # each synthetic caption scored once
+                for k, c in zip(syn["image_key"], syn["caption"], strict=True)]
+        exact = np.array([h.exact for h in hits], dtype=bool)
         if kept.any():
             out["synthetic_kept_wrong_fraction"] = float(1.0 - exact[kept].mean())
         out["synthetic_auroc_exact"] = _synthetic_ranking(syn, exact)
+        out["synthetic_other_object"] = _misbound(hits, kept)
     return out
 
 
-def _exact(web_scenes: dict[str, Any], rows: pd.DataFrame) -> np.ndarray:
-    """(N,) whether each of `rows` (image_key, caption) describes its scene exactly."""
-    return np.array([caption_hits(scene_of(web_scenes, k), c).exact
-                     for k, c in zip(rows["image_key"], rows["caption"], strict=True)], dtype=bool)
+def _misbound(hits: list[Any], kept: np.ndarray) -> dict[str, float | None]:
+    """Of the objects of the kept and of the removed synthetic captions' scenes, the fraction put in
+    another object's cell (a binding error; None where there are none): whether the filter keeps
+    the captions that bind objects to the wrong cells."""
+    k = PLACEMENT_ERRORS.index("other_object")
+    out: dict[str, float | None] = {}
+    for name, rows in (("kept", kept), ("removed", ~kept)):
+        chosen = [h for h, r in zip(hits, rows, strict=True) if r]
+        objects = sum(h.objects for h in chosen)
+        out[name] = sum(h.misplaced[k] for h in chosen) / objects if objects else None
+    return out
 
 
 def _synthetic_ranking(syn: pd.DataFrame, exact: np.ndarray) -> dict[str, float | None]:

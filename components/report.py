@@ -349,6 +349,8 @@ def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
     rows += [(f"kept fraction: {k}", v) for k, v in f.get("kept_fraction_by_kind", {}).items()]
     rows += [(f"synthetic captions exactly right, auroc of the {k}", v)
              for k, v in f.get("synthetic_auroc_exact", {}).items() if v is not None]
+    rows += [(f"synthetic captions {k}: objects in another object's cell", v)
+             for k, v in f.get("synthetic_other_object", {}).items() if v is not None]
     return pd.DataFrame(rows, columns=["filter", "value"])
 
 

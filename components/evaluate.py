@@ -323,13 +323,14 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
 
 
 def _misbound(hits: list[Any], kept: np.ndarray) -> dict[str, float | None]:
-    """Of the objects of the kept and of the removed synthetic captions' scenes, the fraction put in
-    another object's cell (a binding error; None where there are none): whether the filter keeps
-    the captions that bind objects to the wrong cells."""
+    """Of the objects of the kept and of the removed synthetic captions of scenes with two or more
+    objects (a lone object has no other object's cell to be put in), the fraction put in another
+    object's cell (None where there are none): whether the filter keeps the captions that bind
+    objects to the wrong cells."""
     k = PLACEMENT_ERRORS.index("other_object")
     out: dict[str, float | None] = {}
     for name, rows in (("kept", kept), ("removed", ~kept)):
-        chosen = [h for h, r in zip(hits, rows, strict=True) if r]
+        chosen = [h for h, r in zip(hits, rows, strict=True) if r and h.objects > 1]
         objects = sum(h.objects for h in chosen)
         out[name] = sum(h.misplaced[k] for h in chosen) / objects if objects else None
     return out

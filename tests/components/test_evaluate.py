@@ -89,7 +89,7 @@ def test_synthetic_captions_are_ranked_by_filter_and_confidence_against_their_sc
     f = evaluate.filter_quality(decisions, truth, {"w0": scene})
     assert f["synthetic_auroc_exact"] == {"filter": 0.5, "confidence": 1.0}  # 0.5 vs (0.7, 0.4); 0.9 vs both
     assert f["synthetic_kept_wrong_fraction"] == pytest.approx(2 / 3)
-    assert f["synthetic_other_object"] == {"kept": 0.0, "removed": None}  # one object: nothing to swap with
+    assert f["synthetic_other_object"] == {"kept": None, "removed": None}  # one object: nothing to swap with
     two = Scene("black", (*scene.objects, SceneObject("square", "blue", "small", "bottom right", 40, 40, 8)))
     swapped = "a large red ring at the bottom right and a small blue square in the top left corner"
     syn2 = decisions.assign(caption=["red ring", right + " and a small blue square at the bottom right",

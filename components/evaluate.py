@@ -41,7 +41,8 @@ from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.significance import Tally, auroc, mean_interval, paired_intervals
-from components.synth_score import ATTRIBUTES, PLACEMENT_ERRORS, caption_hits, scene_of, score_captions
+from components.synth_score import (ATTRIBUTES, PLACEMENT_ERRORS, CaptionHits, caption_hits, scene_of,
+                                     score_captions)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
         raise CapfiltError("no captions to score")
     objects = np.array([h.objects for h in hits])
     table = np.array([h.hits for h in hits], dtype=np.float64)  # (N, 4) right per attribute
-    misplaced = np.array([h.misplaced for h in hits], dtype=np.float64)  # (N, 4) per PLACEMENT_ERRORS
+    misplaced = np.array([h.misplaced for h in hits], dtype=np.float64)  # (N, 3) misplaced per PLACEMENT_ERRORS
     exact = np.array([h.exact for h in hits], dtype=np.float64)
     per = dict(zip(ATTRIBUTES, table.sum(axis=0) / objects.sum(), strict=True))
     placement = {PLACEMENT_KEYS[e]: float(misplaced[:, k].sum() / objects.sum())
@@ -322,7 +323,7 @@ def filter_quality(decisions: pd.DataFrame, truth: pd.DataFrame, web_scenes: dic
     return out
 
 
-def _misbound(hits: list[Any], kept: np.ndarray) -> dict[str, float | None]:
+def _misbound(hits: list[CaptionHits], kept: np.ndarray) -> dict[str, float | None]:
     """Of the objects of the kept and of the removed synthetic captions of scenes with two or more
     objects (a lone object has no other object's cell to be put in), the fraction put in another
     object's cell (None where there are none): whether the filter keeps the captions that bind

@@ -41,8 +41,8 @@ from components.config import EvaluateConfig
 from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.significance import Tally, auroc, mean_interval, paired_intervals
-from components.synth_score import (ATTRIBUTES, PLACEMENT_ERRORS, CaptionHits, caption_hits, scene_of,
-                                     score_captions)
+from components.synth_score import (ATTRIBUTES, PLACEMENT_ERRORS, PLACEMENT_KEYS, CaptionHits, caption_hits,
+                                     scene_of, score_captions)
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ def caption_scores(captions: dict[str, str], refs: dict[str, list[str]],
     if tally is not None:
         tally.add("cider", per_image)
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
-
-
-# metrics.json names of synth_score.PLACEMENT_ERRORS: fractions of true objects (with
-# position_accuracy they sum to 1); on the embedded corpus nearly every misplaced object sits in
-# another object's cell, a binding error rather than a wrong idea of where objects are
-PLACEMENT_KEYS = {"other_object": "position_other_object", "empty_cell": "position_empty_cell",
-                  "unplaced": "position_unplaced"}
 
 
 def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],

@@ -27,12 +27,12 @@ from PIL import Image
 
 from components import atomic
 from components.shards import ShardReader
+from components.synth_score import ATTRIBUTES, PLACEMENT_KEYS
 
 HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
-# the attribute accuracies and how objects were misplaced (evaluate.PLACEMENT_KEYS): the report's
-# second table, present on the embedded corpus only
-ATTRIBUTE_ROWS = ("shape_accuracy", "colour_accuracy", "size_accuracy", "position_accuracy",
-                  "position_other_object", "position_empty_cell", "position_unplaced")
+# the attribute accuracies and how objects were misplaced: the report's second table, present on
+# the embedded corpus only
+ATTRIBUTE_ROWS = (*(f"{a}_accuracy" for a in ATTRIBUTES), *PLACEMENT_KEYS.values())
 BINS = 20
 SCORE_LABELS = {"itm": "ITM p(match)", "itm_itc": "ITM log-odds + ITC logit"}  # by bootstrap.signal
 

@@ -37,6 +37,8 @@ ATTRIBUTES = ("shape", "colour", "size", "position")
 # caption names the right cells but binds objects to them wrongly), in an empty cell, or not placed
 # at all (no position said, or no described object aligned with it)
 PLACEMENT_ERRORS = ("other_object", "empty_cell", "unplaced")
+# their metrics.json names: fractions of true objects (with position_accuracy they sum to 1)
+PLACEMENT_KEYS = {e: f"position_{e}" for e in PLACEMENT_ERRORS}
 _MAX_PARSED = 6  # described objects beyond this are ignored when aligning (all wrong anyway)
 
 
@@ -220,7 +222,7 @@ class CaptionHits:
     exact: bool
     parsed: bool
     count: bool
-    misplaced: tuple[int, ...] = (0,) * len(PLACEMENT_ERRORS)
+    misplaced: tuple[int, ...]  # per PLACEMENT_ERRORS
 
 
 def caption_hits(truth: Scene, caption: str) -> CaptionHits:

@@ -159,6 +159,14 @@ class TextInput(Section):
     max_tokens: int = Field(32, ge=4)  # [CLS] ... [SEP], truncated
 
 
+class LossWeights(Section):
+    """Weights of pre-training's three losses in their sum (BLIP: 1, 1, 1)."""
+
+    itc: float = Field(1.0, ge=0)
+    itm: float = Field(1.0, ge=0)
+    lm: float = Field(1.0, ge=0)
+
+
 class PretrainConfig(Section):
     """Pre-training (ITC + ITM + LM) of a fresh model on ingested manifests (split train rows)."""
 
@@ -172,6 +180,7 @@ class PretrainConfig(Section):
     # ITC positives: "diagonal" (BLIP's pre-training: each text's own image only) or "image" (every
     # caption of the same image in the batch and the queue, as BLIP's retrieval fine-tune does)
     itc_positives: Literal["diagonal", "image"] = "diagonal"
+    loss_weights: LossWeights = LossWeights()  # ITC / ITM / LM weights in the summed loss
     text: TextInput = TextInput()
     augment: AugmentConfig = AugmentConfig(min_scale=0.2)
     text_augment: TextAugmentConfig = TextAugmentConfig()  # off: BLIP's recipe

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from components import checkpoints as ckpt
-from components.config import AugmentConfig, Params, PretrainConfig, ScheduleConfig, TextAugmentConfig, TextInput
+from components.config import AugmentConfig, LossWeights, Params, PretrainConfig, ScheduleConfig, TextAugmentConfig, TextInput
 from components.data import Batch, ManifestBatches, load_pairs
 from components.distributed import Gathers, rank_info
 from components.errors import CapfiltError
@@ -50,15 +50,18 @@ def _negatives(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] 
     return batch.negative_ids, batch.negative_mask, batch.has_negative
 
 
-def pretrain_objective(alpha: float, ramp_steps: int, image_positives: bool = False) -> Objective:
-    """ITC + ITM + LM (BlipPretrain); captions of one image are never each other's ITM negatives
-    (and, with `image_positives`, are each other's ITC positives); the batch's word-swap
-    negatives join ITM when it has them."""
+def pretrain_objective(alpha: float, ramp_steps: int, image_positives: bool = False,
+                       weights: LossWeights = LossWeights()) -> Objective:
+    """ITC + ITM + LM (BlipPretrain), summed with `weights`; captions of one image are never each
+    other's ITM negatives (and, with `image_positives`, are each other's ITC positives); the
+    batch's word-swap negatives join ITM when it has them."""
     def objective(model: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch.image, batch.input_ids, batch.attention_mask,
                     alpha=alpha_ramp(step, ramp_steps, alpha), image_ids=batch.image_ids,
                     negatives=_negatives(batch), image_positives=image_positives)
-        return out.loss, _parts(out, ("loss_itc", "loss_itm", "loss_lm", "itm_accuracy"))
+        loss = out.loss if weights == LossWeights() else (
+            weights.itc * out.loss_itc + weights.itm * out.loss_itm + weights.lm * out.loss_lm)
+        return loss, _parts(out, ("loss_itc", "loss_itm", "loss_lm", "itm_accuracy"))
     return objective
 
 
@@ -106,6 +109,7 @@ class StageInputs:
     init: Path | None = None  # an exported BlipPretrain directory; None = random init
     negative_manifests: tuple[str, ...] = ()  # corpus-negative texts; () = the stage's own captions
     itc_positives: Literal["diagonal", "image"] = "diagonal"  # pretrain only (PretrainConfig)
+    loss_weights: LossWeights = LossWeights()  # pretrain only (PretrainConfig)
 
 
 def model_config(params: Params, tokenizer: Any) -> BlipConfig:
@@ -184,13 +188,18 @@ def train_stage(params: Params, inputs: StageInputs, log_metrics: LogMetrics | N
         sources += [Path(m) for m in inputs.negative_manifests]
     if inputs.init is not None:
         sources.append(inputs.init / "model.safetensors")
-    extra = json.dumps({"task": inputs.task, "model": to_dict(config), "text": inputs.text.model_dump(),
-                        "augment": inputs.augment.model_dump(), "prompt": inputs.prompt,
-                        "text_augment": inputs.text_augment.model_dump(),
-                        "ramp": inputs.alpha_ramp_steps, "itc_positives": inputs.itc_positives,
-                        "data": _file_digest(sources)}, sort_keys=True)
+    what = {"task": inputs.task, "model": to_dict(config), "text": inputs.text.model_dump(),
+            "augment": inputs.augment.model_dump(), "prompt": inputs.prompt,
+            "text_augment": inputs.text_augment.model_dump(),
+            "ramp": inputs.alpha_ramp_steps, "itc_positives": inputs.itc_positives,
+            "data": _file_digest(sources)}
+    if inputs.loss_weights != LossWeights():  # BLIP's weights keep earlier runs' fingerprints
+        what["loss_weights"] = inputs.loss_weights.model_dump()
+    extra = json.dumps(what, sort_keys=True)
+
     if inputs.task == "pretrain":
-        objective = pretrain_objective(config.alpha, inputs.alpha_ramp_steps, inputs.itc_positives == "image")
+        objective = pretrain_objective(config.alpha, inputs.alpha_ramp_steps, inputs.itc_positives == "image",
+                                       inputs.loss_weights)
     else:
         objective = TASKS[inputs.task][1](config.alpha, inputs.alpha_ramp_steps)
     result = run_training(params.train, inputs.schedule, _builder(inputs.task, config, inputs.init),
@@ -208,7 +217,8 @@ def _pretrain_inputs(cfg: PretrainConfig) -> StageInputs:
     return StageInputs(task="pretrain", manifests=list(cfg.manifests), tokenizer_dir=Path(cfg.tokenizer),
                        out=Path(cfg.out), resume_dir=Path(cfg.resume_dir), schedule=cfg.schedule,
                        text=cfg.text, augment=cfg.augment, alpha_ramp_steps=cfg.alpha_ramp_steps,
-                       text_augment=cfg.text_augment, itc_positives=cfg.itc_positives)
+                       text_augment=cfg.text_augment, itc_positives=cfg.itc_positives,
+                       loss_weights=cfg.loss_weights)
 
 
 def run_pretrain(params: Params, log_metrics: LogMetrics | None = None) -> TrainResult:

@@ -212,3 +212,32 @@ def test_zero3_partitions_blip_and_trains_like_zero0(corpus, tmp_path, monkeypat
     assert float(moved.max()) > 1e-4  # the EMA lags the online weights visibly at momentum 0.5
     for key, value in z0.items():
         torch.testing.assert_close(z3[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_pretrain_loss_weights_weigh_the_three_losses(corpus, tmp_path, capsys):
+    from components.config import LossWeights
+    from components.data import Batch
+    from components.train_stages import pretrain_objective
+    from models.blip_pretrain import PretrainOutput
+
+    parts = {"loss_itc": torch.tensor(2.0), "loss_itm": torch.tensor(0.5), "loss_lm": torch.tensor(3.0)}
+    out = PretrainOutput(loss=sum(parts.values()), itm_accuracy=torch.tensor(0.75), **parts)
+    batch = Batch(torch.zeros(1, 3, 4, 4), torch.ones(1, 3, dtype=torch.long),
+                  torch.ones(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    def model(*args, **kwargs):
+        return out
+    loss, logged = pretrain_objective(0.4, 0)(model, batch, 1)
+    assert float(loss) == 5.5 and logged == {"itc": 2.0, "itm": 0.5, "lm": 3.0, "itm_accuracy": 0.75}
+    lm_only = pretrain_objective(0.4, 0, weights=LossWeights(itc=0.0, itm=0.0, lm=1.0))
+    assert float(lm_only(model, batch, 1)[0]) == 3.0
+    assert float(pretrain_objective(0.4, 0, weights=LossWeights(itc=0.5, itm=2.0, lm=1.0))(model, batch, 1)[0]) == 5.0
+    # through the stage: an LM-only pre-training still logs (and so computes) all three losses
+    _, manifest, tok = corpus
+    params = write_params(tmp_path, manifest, tok, steps=2)
+    weights = ["--set", 'pretrain.loss_weights={"itc": 0.0, "itm": 0.0, "lm": 1.0}']
+    assert cli.main(["stage", "pretrain", "--params", str(params), *weights]) == 0
+    rows = _rows(tmp_path / "outputs/pretrain/loss.csv")
+    assert [round(r["loss"], 4) for r in rows] == [round(r["lm"], 4) for r in rows]
+    assert all(r["itc"] > 0 for r in rows)
+    assert cli.main(["stage", "pretrain", "--params", str(params), "--set", "pretrain.loss_weights.itm=-1.0"]) == 2
+    assert "pretrain.loss_weights.itm" in capsys.readouterr().err

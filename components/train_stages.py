@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from components import checkpoints as ckpt
-from components.config import AugmentConfig, LossWeights, Params, PretrainConfig, ScheduleConfig, TextAugmentConfig, TextInput
+from components.config import (AugmentConfig, LossWeights, Params, PretrainConfig, ScheduleConfig,
+                               TextAugmentConfig, TextInput)
 from components.data import Batch, ManifestBatches, load_pairs
 from components.distributed import Gathers, rank_info
 from components.errors import CapfiltError

@@ -60,8 +60,7 @@ def pretrain_objective(alpha: float, ramp_steps: int, image_positives: bool = Fa
         out = model(batch.image, batch.input_ids, batch.attention_mask,
                     alpha=alpha_ramp(step, ramp_steps, alpha), image_ids=batch.image_ids,
                     negatives=_negatives(batch), image_positives=image_positives)
-        loss = out.loss if weights == LossWeights() else (
-            weights.itc * out.loss_itc + weights.itm * out.loss_itm + weights.lm * out.loss_lm)
+        loss = weights.itc * out.loss_itc + weights.itm * out.loss_itm + weights.lm * out.loss_lm
         return loss, _parts(out, ("loss_itc", "loss_itm", "loss_lm", "itm_accuracy"))
     return objective
 

@@ -59,6 +59,10 @@ class SynthConfig(Section):
     jitter: int = Field(1, ge=0, le=16)  # max pixels an object moves off its quadrant's centre
     backgrounds: list[Literal["black", "grey", "white"]] = Field(default_factory=lambda: ["black"], min_length=1)  # one per scene, uniformly
     noise: NoiseMix = NoiseMix()
+    # Human images show each shape in only this many of the five colours (web and test images in
+    # all): 5 = no gap; fewer leaves shape-colour pairs that only web texts describe, as real human
+    # captions cover fewer concepts than the web (README, "Human captions that miss pairs").
+    human_colours_per_shape: int = Field(5, ge=1, le=5)
 
 
 # --- training: the one loop (components/train.py) ---------------------------------------------

@@ -53,7 +53,14 @@ from components.synth_text import (
     web_mentions,
     wrong_attribute,
 )
-from components.synth_world import Scene, draw_scene, is_consistent, sample_scene
+from components.synth_world import (
+    COLOURS,
+    Scene,
+    colours_per_shape,
+    draw_scene,
+    is_consistent,
+    sample_scene,
+)
 
 __all__ = [
     "CaptionScore",
@@ -131,9 +138,11 @@ def _draw_split(
     root: Path,
     seen: set[bytes],
     held_out: bool = False,
+    colours: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[list[str], list[Scene], int]:
     """Sample n scenes and write their PNGs under root/images, adding each image's pixel digest to
-    `seen`; with `held_out`, a scene whose image is already in `seen` is drawn again. Returns
+    `seen`; with `held_out`, a scene whose image is already in `seen` is drawn again; `colours`
+    restricts each shape's colours (None: any). Returns
     (ids, scenes, how many draws were redrawn)."""
     images = root / "images"
     images.mkdir(parents=True)
@@ -144,7 +153,7 @@ def _draw_split(
         for _ in range(_MAX_REDRAWS):
             scene = sample_scene(
                 rng, cfg.image_size, cfg.max_objects, cfg.duplicate_prob, cfg.jitter,
-                cfg.backgrounds,
+                cfg.backgrounds, colours,
             )  # fmt: skip
             image = draw_scene(scene, cfg.image_size)
             digest = hashlib.sha256(image.tobytes()).digest()
@@ -175,7 +184,9 @@ def _write_scenes_jsonl(ids: list[str], scenes: list[Scene], path: Path) -> None
 
 def _write_human(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
     scene_rng, text_rng = _rngs(cfg.seed, "human")
-    ids, scenes, _ = _draw_split(cfg, "human", cfg.n_human, scene_rng, root, seen)
+    k = cfg.human_colours_per_shape
+    colours = None if k == len(COLOURS) else colours_per_shape(k)  # same draws as ever when 5
+    ids, scenes, _ = _draw_split(cfg, "human", cfg.n_human, scene_rng, root, seen, colours=colours)
     images, annotations = [], []
     for k, (image_id, scene) in enumerate(zip(ids, scenes, strict=True)):
         images.append(

@@ -145,16 +145,37 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def colours_per_shape(k: int) -> dict[str, tuple[str, ...]]:
+    """The colours each shape may take when only k of the five are allowed per shape.
+
+    Shape i gets colours i, i+1, ..., i+k-1 (mod 5), so every colour still goes with exactly k
+    shapes and every shape and every colour stays equally common; k = 5 allows every pair.
+    """
+    if not 1 <= k <= len(COLOURS):
+        raise CapfiltError(f"colours per shape must be 1 to {len(COLOURS)}, got {k}")
+    names = list(COLOURS)
+    return {
+        shape: tuple(names[(i + j) % len(names)] for j in range(k))
+        for i, shape in enumerate(SHAPES)
+    }
+
+
 def _object_kinds(
-    rng: np.random.Generator, n: int, duplicate_prob: float
+    rng: np.random.Generator,
+    n: int,
+    duplicate_prob: float,
+    colours: dict[str, tuple[str, ...]] | None = None,
 ) -> list[tuple[str, str, str]]:
-    """Attributes of n objects; each later object repeats an earlier one with duplicate_prob."""
+    """Attributes of n objects; each later object repeats an earlier one with duplicate_prob.
+    `colours` maps each shape to the colours it may take (None: any)."""
     kinds: list[tuple[str, str, str]] = []
     for i in range(n):
         if i > 0 and rng.random() < duplicate_prob:
             kinds.append(kinds[int(rng.integers(i))])
         else:
-            kinds.append((_pick(rng, SHAPES), _pick(rng, list(COLOURS)), _pick(rng, SIZES)))
+            shape = _pick(rng, SHAPES)
+            palette = list(COLOURS) if colours is None else list(colours[shape])
+            kinds.append((shape, _pick(rng, palette), _pick(rng, SIZES)))
     return kinds
 
 
@@ -172,8 +193,10 @@ def sample_scene(
     duplicate_prob: float,
     jitter: int,
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+    colours: dict[str, tuple[str, ...]] | None = None,
 ) -> Scene:
-    """Draw one scene: object count, distinct quadrants, attributes and jittered pixel boxes."""
+    """Draw one scene: object count, distinct quadrants, attributes and jittered pixel boxes;
+    `colours` restricts each shape's colours (see colours_per_shape; None: any)."""
     n = int(rng.integers(1, max_objects + 1))
     names = list(CELLS)
     cells = sorted(int(c) for c in rng.permutation(len(names))[:n])
@@ -181,7 +204,8 @@ def sample_scene(
     quadrant = image_size // 2
     scale = quadrant / 32
     objects = []
-    for cell, (shape, colour, size) in zip(cells, _object_kinds(rng, n, duplicate_prob)):
+    kinds = _object_kinds(rng, n, duplicate_prob, colours)
+    for cell, (shape, colour, size) in zip(cells, kinds):
         lo, hi = (round(v * scale) for v in _EXTENT[size])
         extent = int(rng.integers(lo, hi + 1))
         row, col = CELLS[names[cell]]

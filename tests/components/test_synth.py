@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,14 @@ from components import synth
 from components.cli import main
 from components.config import NoiseMix, SynthConfig, parse_params
 from components.errors import CapfiltError
-from components.synth_score import parse_caption
+from components.synth_score import load_scenes, parse_caption
 from components.synth_world import (
     CELLS,
+    COLOURS,
     SHAPES,
     Scene,
     SceneObject,
+    colours_per_shape,
     draw_scene,
     is_consistent,
     sample_scene,
@@ -171,6 +174,22 @@ def test_backgrounds_are_drawn_from_the_configured_set():
         parse_params({"synth": {"backgrounds": ["pink"]}})
     with pytest.raises(CapfiltError, match="backgrounds"):
         parse_params({"synth": {"backgrounds": []}})
+
+
+def test_human_split_can_leave_shape_colour_pairs_to_the_web(tmp_path):
+    table = colours_per_shape(2)
+    assert all(len(c) == 2 for c in table.values())
+    assert Counter(c for cs in table.values() for c in cs) == {c: 2 for c in COLOURS}  # each colour twice
+    cfg = SMALL.model_copy(update={"n_human": 200, "n_web": 300, "n_test": 100, "human_colours_per_shape": 2})
+    synth.run(cfg, tmp_path / "gap")
+    pairs = {split: {(o.shape, o.colour) for s in load_scenes(tmp_path / "gap" / split).values() for o in s.objects}
+             for split in ("human", "web", "test")}
+    assert pairs["human"] == {(s, c) for s, cs in table.items() for c in cs}
+    assert len(pairs["web"]) == len(pairs["test"]) == len(SHAPES) * len(COLOURS)
+    with pytest.raises(CapfiltError, match="human_colours_per_shape"):
+        parse_params({"synth": {"human_colours_per_shape": 0}})
+    with pytest.raises(CapfiltError, match="colours per shape"):
+        colours_per_shape(6)
 
 
 def test_shapes_have_distinct_silhouettes():

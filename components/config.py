@@ -462,6 +462,7 @@ class EvaluateConfig(Section):
     # seen in training flatters both rounds; metrics.json's `test_set` counts them
     train_manifests: list[str] = []
     test_scenes: str | None = "data/test"  # synth ground truth (scenes.jsonl); null: real data
+    human_scenes: str | None = "data/human"  # synth: which shape-colour pairs human captions show; null: off
     web_truth: str | None = "data/web"  # synth web truth (truth.csv: noise kind per image)
     out: str = "outputs/evaluate"  # metrics.json, plots/, report.html
     num_beams: int = Field(3, ge=1)  # BLIP captioning eval: beam 3

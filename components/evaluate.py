@@ -42,7 +42,7 @@ from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.significance import Tally, auroc, mean_interval, paired_intervals
 from components.synth_score import (ATTRIBUTES, PLACEMENT_ERRORS, PLACEMENT_KEYS, CaptionHits, caption_hits,
-                                     scene_of, score_captions)
+                                     pair_hits, scene_of, score_captions, shape_colour_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,13 @@ def caption_scores(captions: dict[str, str], refs: dict[str, list[str]],
 
 
 def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
-                     tally: Tally | None = None) -> dict[str, float]:
+                     tally: Tally | None = None, known_pairs: set[tuple[str, str]] | None = None) -> dict[str, float]:
     """Attribute accuracy (mean over shape, colour, size, position) and strict accuracy, as
     `score_captions` counts them, and how the misplaced objects were misplaced (PLACEMENT_KEYS);
     `tally` gets each image's attribute hits over its objects and its exactness (in the order of
-    `captions`)."""
+    `captions`). With `known_pairs` (the shape-colour pairs the human captions show) also the share
+    of objects named with both shape and colour right, split into known and novel pairs (NoCaps'
+    in-domain / out-of-domain, for pairs); the novel share is None when every pair is known."""
     hits = [caption_hits(scene_of(scenes, k), c) for k, c in captions.items()]
     if not hits:
         raise CapfiltError("no captions to score")
@@ -94,8 +96,17 @@ def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
             tally.add(f"{a}_accuracy", table[:, k], objects)
         for k, e in enumerate(PLACEMENT_ERRORS):
             tally.add(PLACEMENT_KEYS[e], misplaced[:, k], objects)
-    return {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": float(exact.mean()),
-            **{f"{a}_accuracy": float(v) for a, v in per.items()}, **placement}
+    out = {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": float(exact.mean()),
+           **{f"{a}_accuracy": float(v) for a, v in per.items()}, **placement}
+    if known_pairs is not None:
+        pairs = np.array([pair_hits(scene_of(scenes, k), c, known_pairs) for k, c in captions.items()],
+                         dtype=np.float64)  # (N, 4): known objects, right; novel objects, right
+        for name, n_col in (("known_pair_accuracy", 0), ("novel_pair_accuracy", 2)):
+            total = pairs[:, n_col].sum()
+            out[name] = float(pairs[:, n_col + 1].sum() / total) if total else None
+            if tally is not None and total:
+                tally.add(name, pairs[:, n_col + 1], pairs[:, n_col])
+    return out
 
 
 def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, text_image: np.ndarray,
@@ -192,7 +203,7 @@ def evaluate_round(cfg: EvaluateConfig, test: pd.DataFrame, scenes: dict[str, An
     refs = test.groupby("image_key", sort=False)["caption"].apply(list).to_dict()
     metrics.update(caption_scores(by_key, refs, tally))
     if scenes is not None:
-        metrics.update(attribute_scores(by_key, scenes, tally))
+        metrics.update(attribute_scores(by_key, scenes, tally, known_pairs(cfg)))
     else:  # real data: no ground truth to check attributes against
         metrics.update(attribute_accuracy=None, strict_accuracy=None)
     return metrics, by_key, tally
@@ -419,6 +430,15 @@ def test_set(cfg: EvaluateConfig) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     if cfg.test_scenes is not None and (Path(cfg.test_scenes) / "scenes.jsonl").is_file():
         return test, load_scenes(Path(cfg.test_scenes))
     return test, None
+
+
+def known_pairs(cfg: EvaluateConfig) -> set[tuple[str, str]] | None:
+    """The shape-colour pairs the human split's scenes show (None without its ground truth)."""
+    from components.synth_score import load_scenes
+
+    if cfg.human_scenes is None or not (Path(cfg.human_scenes) / "scenes.jsonl").is_file():
+        return None
+    return shape_colour_pairs(load_scenes(Path(cfg.human_scenes)).values())
 
 
 def test_overlap(test: pd.DataFrame, train: dict[str, pd.DataFrame]) -> dict[str, Any]:

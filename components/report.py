@@ -30,9 +30,10 @@ from components.shards import ShardReader
 from components.synth_score import ATTRIBUTES, PLACEMENT_KEYS
 
 HEADLINE = ("attribute_accuracy", "strict_accuracy", "cider", "bleu4", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
-# the attribute accuracies and how objects were misplaced: the report's second table, present on
-# the embedded corpus only
-ATTRIBUTE_ROWS = (*(f"{a}_accuracy" for a in ATTRIBUTES), *PLACEMENT_KEYS.values())
+# the attribute accuracies, how objects were misplaced and (where the human captions miss some
+# shape-colour pairs) the pairs named right: the report's second table, on the embedded corpus only
+ATTRIBUTE_ROWS = (*(f"{a}_accuracy" for a in ATTRIBUTES), *PLACEMENT_KEYS.values(), "known_pair_accuracy",
+                  "novel_pair_accuracy")
 BINS = 20
 SCORE_LABELS = {"itm": "ITM p(match)", "itm_itc": "ITM log-odds + ITC logit"}  # by bootstrap.signal
 

@@ -16,7 +16,7 @@ import csv
 import itertools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -238,6 +238,25 @@ def caption_hits(truth: Scene, caption: str) -> CaptionHits:
              for o, s in zip(truth.objects, chosen, strict=True)]
     return CaptionHits(n, tuple(hits), _is_exact(truth, parsed.objects), True, len(parsed.objects) == n,
                        tuple(kinds.count(e) for e in PLACEMENT_ERRORS))
+
+
+def pair_hits(truth: Scene, caption: str, known: Collection[tuple[str, str]]) -> tuple[int, int, int, int]:
+    """How a caption names its scene's objects' shape-colour pairs, split by `known` pairs (those the
+    human captions show): (objects with a known pair, of them named with both shape and colour
+    right, objects with a novel pair, of them right), after `caption_hits`' alignment."""
+    parsed = parse_caption(caption)
+    _, chosen = _best_alignment(truth, parsed.objects) if parsed is not None else (None, (None,) * len(truth.objects))
+    counts = [0, 0, 0, 0]
+    for obj, spec in zip(truth.objects, chosen, strict=True):
+        at = 0 if (obj.shape, obj.colour) in known else 2
+        counts[at] += 1
+        counts[at + 1] += spec is not None and spec.shape == obj.shape and spec.colour == obj.colour
+    return counts[0], counts[1], counts[2], counts[3]
+
+
+def shape_colour_pairs(scenes: Iterable[Scene]) -> set[tuple[str, str]]:
+    """Every (shape, colour) pair some object of `scenes` has."""
+    return {(o.shape, o.colour) for s in scenes for o in s.objects}
 
 
 def scene_of(scenes: Mapping[str, Scene], key: str) -> Scene:

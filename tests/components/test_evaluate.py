@@ -47,6 +47,34 @@ def test_perfect_captions_score_full_attribute_accuracy_and_high_cider(synth_tes
     assert bad["strict_accuracy"] < 0.5 and bad["cider"] < good["cider"] / 3
 
 
+def test_novel_shape_colour_pairs_are_scored_apart(synth_test):
+    from components.significance import Tally
+    from components.synth_score import pair_hits, shape_colour_pairs
+    from components.synth_world import Scene, SceneObject
+
+    two = Scene("black", (SceneObject("ring", "red", "small", "top left", 0, 0, 12),
+                          SceneObject("bar", "blue", "large", "bottom right", 32, 32, 24)))
+    known = {("ring", "red")}
+    assert pair_hits(two, "a small red ring in the top left and a large blue bar in the bottom right", known) == (1, 1, 1, 1)
+    assert pair_hits(two, "a small red ring in the top left and a large blue ring in the bottom right", known) == (1, 1, 1, 0)
+    assert pair_hits(two, "a large red bar in the bottom right", known) == (1, 0, 1, 0)  # red goes with the ring
+    assert pair_hits(two, "nothing at all", known) == (1, 0, 1, 0)
+    refs, scenes = synth_test
+    perfect = {k: r[0] for k, r in refs.items()}
+    everything = shape_colour_pairs(scenes.values())
+    full = evaluate.attribute_scores(perfect, scenes, known_pairs=everything)
+    assert full["known_pair_accuracy"] == 1.0 and full["novel_pair_accuracy"] is None
+    assert "novel_pair_accuracy" not in evaluate.attribute_scores(perfect, scenes)
+    some = set(sorted(everything)[: len(everything) // 2])
+    keys = list(refs)
+    shuffled = {k: refs[keys[(i + 1) % len(keys)]][0] for i, k in enumerate(keys)}
+    tally = Tally()
+    split = evaluate.attribute_scores(shuffled, scenes, tally, known_pairs=some)
+    assert 0.0 <= split["novel_pair_accuracy"] < 1.0 and 0.0 <= split["known_pair_accuracy"] < 1.0
+    for name in ("known_pair_accuracy", "novel_pair_accuracy"):
+        assert tally.value(name) == pytest.approx(split[name])
+
+
 def test_per_image_tallies_add_up_to_the_reported_metrics(synth_test):
     from components.significance import Tally
 
@@ -307,7 +335,8 @@ def test_report_breaks_position_down_by_where_misplaced_objects_are_put(synth_te
         rounds[name] = evaluate.attribute_scores(captions, scenes)
     gain = {k: rounds["round2"][k] - v for k, v in rounds["round1"].items()}
     table = report.rounds_table({**rounds, "gain": gain}, report.ATTRIBUTE_ROWS).set_index("metric")
-    assert list(table.index) == list(report.ATTRIBUTE_ROWS)
+    pair_rows = ("known_pair_accuracy", "novel_pair_accuracy")  # only where the human captions miss pairs
+    assert list(table.index) == [r for r in report.ATTRIBUTE_ROWS if r not in pair_rows]
     assert table.loc["position_accuracy", "round2"] == 1.0 and table.loc["position_unplaced", "round2"] == 0.0
     misplaced = list(evaluate.PLACEMENT_KEYS.values())
     assert table.loc[["position_accuracy", *misplaced], "round1"].sum() == pytest.approx(1.0)

@@ -78,6 +78,12 @@ def test_ingest_stage_on_tiny_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]" and "[UNK]" not in enc.tokens
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["human"]["accepted"] == 12 and metrics["tokenizer"]["captions"] == 17
+    # what the later stages depend on (dvc.yaml) comes out byte for byte again on a re-run
+    depended = {p: p.read_bytes() for name in expected for p in (out / name).rglob("*")
+                if p.is_file() and (p.name == "manifest.parquet" or p.parent.name == "shards")}
+    depended.update({p: p.read_bytes() for p in (out / "tokenizer").rglob("*") if p.is_file()})
+    stages.run_stage("ingest", _params(tmp_path))
+    assert {p: p.read_bytes() for p in depended} == depended
 
 
 @pytest.mark.slow
@@ -103,3 +109,21 @@ def test_dvc_stage_matches_params() -> None:
     for module in ("ingest", "ingest_stage", "formats", "images", "shards", "text", "storage",
                    "tokenizer", "reasons", "schemas", "expectations"):  # fmt: skip
         assert f"components/{module}.py" in deps
+
+
+def test_later_stages_depend_on_ingest_manifests_and_shards_not_folders() -> None:
+    """An ingest folder also holds Data Docs and a summary that change on every run; a stage that
+    depended on the whole folder would re-run (pre-training from scratch) after any ingest re-run."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    cfg = load_params(ROOT / "params.yaml").ingest
+    folders = {f"{cfg.out}/{n}" for n in cfg.sources}
+    checked = 0
+    for name, stage in dvc.items():
+        if name == "ingest":
+            continue
+        for dep in (stage.get("do") or stage).get("deps", []):
+            assert dep not in folders, f"{name} depends on the whole {dep}"
+            if any(dep.startswith(f + "/") for f in folders):
+                assert dep.endswith(("/manifest.parquet", "/shards")), f"{name}: {dep}"
+                checked += 1
+    assert checked >= 10

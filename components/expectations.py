@@ -63,6 +63,18 @@ class ExpectationReport:
         return "\n".join(lines)
 
 
+# (expectation, column or "table") -> the `validation` params that set its bounds, named in errors
+_PARAMS = {
+    ("expect_table_row_count_to_be_between", "table"): "min_rows",
+    ("expect_compound_columns_to_be_unique", "image_key,caption"): "max_duplicate_pair_fraction",
+    ("expect_column_mean_to_be_between", CAPTION_CHARS): "caption_mean_chars_min / caption_mean_chars_max",
+    ("expect_column_mean_to_be_between", IS_SYNTHETIC): "min_synthetic_fraction / max_synthetic_fraction",
+    ("expect_column_values_to_be_between", "width"): "min_side / max_side",
+    ("expect_column_values_to_be_between", "height"): "min_side / max_side",
+    **{("expect_column_values_to_not_be_null", c): "max_null_fraction" for c in KEY_COLUMNS},
+}
+
+
 def _describe_result(r: dict[str, Any]) -> str:
     target = r.get("column") or ",".join(r.get("columns") or []) or "table"
     expected = ", ".join(f"{k}={_fmt(v)}" for k, v in r["kwargs"].items())
@@ -75,7 +87,11 @@ def _describe_result(r: dict[str, Any]) -> str:
             got += f", e.g. {_fmt(r['examples'])}"
     else:
         got = f"observed {_fmt(r.get('observed'))}"
-    return f"{r['expectation']}({target}): {got}" + (f"; expected {expected}" if expected else "")
+    params = _PARAMS.get((r["expectation"], target))
+    if params is None and r["expectation"] == "expect_column_value_lengths_to_be_between":
+        params = "caption_q05_chars_min / caption_q95_chars_max"
+    hint = f" (params: validation.{params})" if params else ""
+    return f"{r['expectation']}({target}): {got}" + (f"; expected {expected}" if expected else "") + hint
 
 
 def _fmt(value: Any) -> str:

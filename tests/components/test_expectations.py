@@ -99,6 +99,8 @@ def test_bad_manifest_fails_with_a_readable_summary(tmp_path, cfg):
     assert "expect_column_values_to_not_be_null(caption)" in summary
     assert "expect_column_values_to_be_between(width)" in summary and "10000" in summary
     assert "(height)" not in summary  # only failed expectations are listed
+    width_line = next(line for line in summary.splitlines() if "(width)" in line)
+    assert width_line.endswith("(params: validation.min_side / max_side)")  # what to change
     with pytest.raises(CapfiltError) as exc:
         require(report, "outputs/ingest/manifest.parquet")
     assert str(exc.value).startswith("outputs/ingest/manifest.parquet: ")
@@ -128,6 +130,7 @@ def test_bootstrapped_source_mix(tmp_path, cfg):
     failed = {(r["expectation"], r.get("column")) for r in worse.results if not r["success"]}
     assert ("expect_column_mean_to_be_between", "is_synthetic") in failed
     assert ("expect_column_values_to_be_between", "itm_score") in failed
+    assert "validation.min_synthetic_fraction / max_synthetic_fraction" in worse.summary()
 
 
 def test_unknown_source_fails_for_ingested(tmp_path, cfg):

@@ -42,7 +42,7 @@ from components.errors import CapfiltError
 from components.schemas import read_manifest
 from components.significance import Tally, auroc, mean_interval, paired_intervals
 from components.synth_score import (ATTRIBUTES, PLACEMENT_ERRORS, PLACEMENT_KEYS, CaptionHits, caption_hits,
-                                     pair_hits, scene_of, score_captions, shape_colour_pairs)
+                                     scene_of, score_captions, shape_colour_pairs, split_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
     `captions`). With `known_pairs` (the shape-colour pairs the human captions show) also the share
     of objects named with both shape and colour right, split into known and novel pairs (NoCaps'
     in-domain / out-of-domain, for pairs); the novel share is None when every pair is known."""
-    hits = [caption_hits(scene_of(scenes, k), c) for k, c in captions.items()]
+    truths = [scene_of(scenes, k) for k in captions]
+    hits = [caption_hits(t, c) for t, c in zip(truths, captions.values(), strict=True)]
     if not hits:
         raise CapfiltError("no captions to score")
     objects = np.array([h.objects for h in hits])
@@ -99,7 +100,7 @@ def attribute_scores(captions: dict[str, str], scenes: dict[str, Any],
     out = {"attribute_accuracy": float(np.mean(list(per.values()))), "strict_accuracy": float(exact.mean()),
            **{f"{a}_accuracy": float(v) for a, v in per.items()}, **placement}
     if known_pairs is not None:
-        pairs = np.array([pair_hits(scene_of(scenes, k), c, known_pairs) for k, c in captions.items()],
+        pairs = np.array([split_pairs(t, h, known_pairs) for t, h in zip(truths, hits, strict=True)],
                          dtype=np.float64)  # (N, 4): known objects, right; novel objects, right
         for name, n_col in (("known_pair_accuracy", 0), ("novel_pair_accuracy", 2)):
             total = pairs[:, n_col].sum()

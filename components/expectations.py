@@ -63,18 +63,6 @@ class ExpectationReport:
         return "\n".join(lines)
 
 
-# (expectation, column or "table") -> the `validation` params that set its bounds, named in errors
-_PARAMS = {
-    ("expect_table_row_count_to_be_between", "table"): "min_rows",
-    ("expect_compound_columns_to_be_unique", "image_key,caption"): "max_duplicate_pair_fraction",
-    ("expect_column_mean_to_be_between", CAPTION_CHARS): "caption_mean_chars_min / caption_mean_chars_max",
-    ("expect_column_mean_to_be_between", IS_SYNTHETIC): "min_synthetic_fraction / max_synthetic_fraction",
-    ("expect_column_values_to_be_between", "width"): "min_side / max_side",
-    ("expect_column_values_to_be_between", "height"): "min_side / max_side",
-    **{("expect_column_values_to_not_be_null", c): "max_null_fraction" for c in KEY_COLUMNS},
-}
-
-
 def _describe_result(r: dict[str, Any]) -> str:
     target = r.get("column") or ",".join(r.get("columns") or []) or "table"
     expected = ", ".join(f"{k}={_fmt(v)}" for k, v in r["kwargs"].items())
@@ -87,10 +75,7 @@ def _describe_result(r: dict[str, Any]) -> str:
             got += f", e.g. {_fmt(r['examples'])}"
     else:
         got = f"observed {_fmt(r.get('observed'))}"
-    params = _PARAMS.get((r["expectation"], target))
-    if params is None and r["expectation"] == "expect_column_value_lengths_to_be_between":
-        params = "caption_q05_chars_min / caption_q95_chars_max"
-    hint = f" (params: validation.{params})" if params else ""
+    hint = f" (params: validation.{r['params']})" if r.get("params") else ""
     return f"{r['expectation']}({target}): {got}" + (f"; expected {expected}" if expected else "") + hint
 
 
@@ -114,29 +99,38 @@ def _expectations(kind: ManifestKind, cfg: ValidationConfig) -> list[Any]:
         return [gxe.ExpectColumnValuesToNotBeNull(column="ref"),
                 gxe.ExpectColumnValuesToBeInSet(column="reason", value_set=list(REJECT_REASONS))]
     keep = 1.0 - cfg.max_null_fraction
-    out: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows)]
-    out += [gxe.ExpectColumnValuesToNotBeNull(column=c, mostly=keep) for c in KEY_COLUMNS]
+
+    def params(names: str) -> dict[str, Any]:  # the `validation` params a failure message names
+        return {"meta": {"params": names}}
+
+    out: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows, **params("min_rows"))]
+    out += [gxe.ExpectColumnValuesToNotBeNull(column=c, mostly=keep, **params("max_null_fraction"))
+            for c in KEY_COLUMNS]
     out += [
         gxe.ExpectColumnValuesToBeUnique(column="sample_id"),
         # `mostly` counts every row of a repeated pair, the first occurrence included
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_key", "caption"],
-                                            mostly=1.0 - cfg.max_duplicate_pair_fraction),
+                                            mostly=1.0 - cfg.max_duplicate_pair_fraction,
+                                            **params("max_duplicate_pair_fraction")),
         gxe.ExpectColumnMeanToBeBetween(column=CAPTION_CHARS, min_value=cfg.caption_mean_chars_min,
-                                        max_value=cfg.caption_mean_chars_max),
+                                        max_value=cfg.caption_mean_chars_max,
+                                        **params("caption_mean_chars_min / caption_mean_chars_max")),
         # quantile bounds as `mostly`: q05 >= min  <=>  at least 95 % of captions are >= min
         # (ExpectColumnQuantileValuesToBeBetween cannot store its result under numpy 2)
         gxe.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=cfg.caption_q05_chars_min,
-                                                mostly=0.95),
+                                                mostly=0.95, **params("caption_q05_chars_min")),
         gxe.ExpectColumnValueLengthsToBeBetween(column="caption", max_value=cfg.caption_q95_chars_max,
-                                                mostly=0.95),
-        *(gxe.ExpectColumnValuesToBeBetween(column=side, min_value=cfg.min_side, max_value=cfg.max_side)
+                                                mostly=0.95, **params("caption_q95_chars_max")),
+        *(gxe.ExpectColumnValuesToBeBetween(column=side, min_value=cfg.min_side, max_value=cfg.max_side,
+                                            **params("min_side / max_side"))
           for side in ("width", "height")),
         gxe.ExpectColumnValuesToBeInSet(column="source", value_set=list(_ALLOWED_SOURCES[kind])),
     ]
     if kind == "bootstrapped":
         out += [
             gxe.ExpectColumnMeanToBeBetween(column=IS_SYNTHETIC, min_value=cfg.min_synthetic_fraction,
-                                            max_value=cfg.max_synthetic_fraction),
+                                            max_value=cfg.max_synthetic_fraction,
+                                            **params("min_synthetic_fraction / max_synthetic_fraction")),
             gxe.ExpectColumnDistinctValuesToContainSet(column="source", value_set=["human"]),
             gxe.ExpectColumnValuesToBeBetween(column="itm_score", min_value=0.0, max_value=1.0),
         ]
@@ -238,6 +232,8 @@ def _result_dict(er: Any) -> dict[str, Any]:
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("column", "column_list", "batch_id")}
     res = er.result or {}
     out: dict[str, Any] = {"expectation": cfg.type, "success": bool(er.success)}
+    if (cfg.meta or {}).get("params"):
+        out["params"] = cfg.meta["params"]
     if "column" in cfg.kwargs:
         out["column"] = cfg.kwargs["column"]
     if "column_list" in cfg.kwargs:

@@ -184,8 +184,9 @@ def _write_scenes_jsonl(ids: list[str], scenes: list[Scene], path: Path) -> None
 
 def _write_human(cfg: SynthConfig, root: Path, seen: set[bytes]) -> int:
     scene_rng, text_rng = _rngs(cfg.seed, "human")
-    k = cfg.human_colours_per_shape
-    colours = None if k == len(COLOURS) else colours_per_shape(k)  # same draws as ever when 5
+    per_shape = cfg.human_colours_per_shape
+    # None when all five: colours_per_shape(5) lists them rotated, which would change the draws
+    colours = None if per_shape == len(COLOURS) else colours_per_shape(per_shape)
     ids, scenes, _ = _draw_split(cfg, "human", cfg.n_human, scene_rng, root, seen, colours=colours)
     images, annotations = [], []
     for k, (image_id, scene) in enumerate(zip(ids, scenes, strict=True)):

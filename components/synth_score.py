@@ -223,6 +223,7 @@ class CaptionHits:
     parsed: bool
     count: bool
     misplaced: tuple[int, ...]  # per PLACEMENT_ERRORS
+    pair_right: tuple[bool, ...] = ()  # per true object: shape and colour both said right
 
 
 def caption_hits(truth: Scene, caption: str) -> CaptionHits:
@@ -231,27 +232,32 @@ def caption_hits(truth: Scene, caption: str) -> CaptionHits:
     n = len(truth.objects)
     if parsed is None:
         unplaced = tuple(n if e == "unplaced" else 0 for e in PLACEMENT_ERRORS)
-        return CaptionHits(n, (0,) * len(ATTRIBUTES), False, False, False, unplaced)
+        return CaptionHits(n, (0,) * len(ATTRIBUTES), False, False, False, unplaced, (False,) * n)
     hits, chosen = _best_alignment(truth, parsed.objects)
     occupied = {o.position for o in truth.objects}
     kinds = [_placement(o.position, s.position if s is not None else None, occupied)
              for o, s in zip(truth.objects, chosen, strict=True)]
+    pair_right = tuple(s is not None and (s.shape, s.colour) == (o.shape, o.colour)
+                       for o, s in zip(truth.objects, chosen, strict=True))
     return CaptionHits(n, tuple(hits), _is_exact(truth, parsed.objects), True, len(parsed.objects) == n,
-                       tuple(kinds.count(e) for e in PLACEMENT_ERRORS))
+                       tuple(kinds.count(e) for e in PLACEMENT_ERRORS), pair_right)
+
+
+def split_pairs(truth: Scene, hits: CaptionHits, known: Collection[tuple[str, str]]) -> tuple[int, int, int, int]:
+    """`hits.pair_right` split by `known` shape-colour pairs (those the human captions show):
+    (objects with a known pair, of them named with both shape and colour right, objects with a
+    novel pair, of them right)."""
+    counts = [0, 0, 0, 0]
+    for obj, right in zip(truth.objects, hits.pair_right, strict=True):
+        at = 0 if (obj.shape, obj.colour) in known else 2
+        counts[at] += 1
+        counts[at + 1] += right
+    return counts[0], counts[1], counts[2], counts[3]
 
 
 def pair_hits(truth: Scene, caption: str, known: Collection[tuple[str, str]]) -> tuple[int, int, int, int]:
-    """How a caption names its scene's objects' shape-colour pairs, split by `known` pairs (those the
-    human captions show): (objects with a known pair, of them named with both shape and colour
-    right, objects with a novel pair, of them right), after `caption_hits`' alignment."""
-    parsed = parse_caption(caption)
-    _, chosen = _best_alignment(truth, parsed.objects) if parsed is not None else (None, (None,) * len(truth.objects))
-    counts = [0, 0, 0, 0]
-    for obj, spec in zip(truth.objects, chosen, strict=True):
-        at = 0 if (obj.shape, obj.colour) in known else 2
-        counts[at] += 1
-        counts[at + 1] += spec is not None and spec.shape == obj.shape and spec.colour == obj.colour
-    return counts[0], counts[1], counts[2], counts[3]
+    """`split_pairs` of one caption against its scene, after `caption_hits`' alignment."""
+    return split_pairs(truth, caption_hits(truth, caption), known)
 
 
 def shape_colour_pairs(scenes: Iterable[Scene]) -> set[tuple[str, str]]:

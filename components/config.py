@@ -61,7 +61,7 @@ class SynthConfig(Section):
     noise: NoiseMix = NoiseMix()
     # Human images show each shape in only this many of the five colours (web and test images in
     # all): 5 = no gap; fewer leaves shape-colour pairs that only web texts describe, as real human
-    # captions cover fewer concepts than the web (README, "Human captions that miss pairs").
+    # captions cover fewer concepts than the web (docs/quality.md, "Human captions that miss pairs").
     human_colours_per_shape: int = Field(5, ge=1, le=5)
 
 
@@ -142,7 +142,7 @@ class TextAugmentConfig(Section):
     exchange_negative: float = Field(0.0, ge=0, le=1)
     # Share of captions whose ITM negative is instead a text of another image drawn from a corpus:
     # the filter's `negative_manifests`, else the stage's own captions (the web corpus as that
-    # corpus teaches the filter its phrasing, not its noise: README, "Corpus negatives"). Texts that only ever met images in pre-training — alt-text boilerplate, file
+    # corpus teaches the filter its phrasing, not its noise: docs/quality.md, "Corpus negatives"). Texts that only ever met images in pre-training — alt-text boilerplate, file
     # names — otherwise never appear as a mismatch in the fine-tune, and keep whatever p(match)
     # pre-training left them.
     corpus_negative: float = Field(0.0, ge=0, le=1)

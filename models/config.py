@@ -37,7 +37,7 @@ class VisionConfig:
     # sincos only: the coordinate step between neighbouring patches and the table's amplitude. On a
     # 4x4 grid at step 1 most frequencies hardly move and the position signal is faint: the tiny
     # preset's captioner then places a lone object right but binds objects to positions at chance
-    # (README, "Position binding")
+    # (docs/quality.md, "Position binding")
     pos_embed_step: float = 1.0
     pos_embed_gain: float = 1.0
 

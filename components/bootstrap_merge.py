@@ -17,6 +17,8 @@ holds every scored text with its ITM, ITC and filter scores and the decision. Th
 manifest points into are hard-linked (copied across file systems) under `<out>/shards/human/`
 and `<out>/shards/web/`, so shard paths stay relative to the manifest's folder, as the schema
 requires. The manifest passes the pandera schema and the GX suite before it is written.
+metrics.json also says which phrases no human caption uses the filter removed most
+(`unseen_phrases`, components/phrases.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from components.config import BootstrapConfig, ValidationConfig
 from components import atomic
 from components.errors import CapfiltError
 from components.expectations import require, run_expectations
+from components.phrases import unseen_phrases
 from components.batch_inference import Images, autocast, image_ids, text_scores
 from components.schemas import validate, write_manifest
 from components.significance import auroc
@@ -357,6 +360,13 @@ def _metrics(decided: pd.DataFrame, manifest: pd.DataFrame, threshold: float, ca
     }
 
 
+def _log_phrases(table: dict[str, Any]) -> None:
+    top = table["top"][:5]
+    if top:
+        log.info("bootstrap: phrases no human caption uses, most removed (kept / texts; all web texts %.1f%%): %s",
+                 100 * table["kept_fraction"], ", ".join(f"{r['phrase']!r} {r['kept']}/{r['texts']}" for r in top))
+
+
 def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame, parts: pd.DataFrame,
           models: Models, decoding: str, images_per_s: float | None, human: pd.DataFrame,
           check: dict[str, Any] | None = None) -> BootstrapResult:
@@ -386,6 +396,11 @@ def merge(cfg: BootstrapConfig, validation: ValidationConfig, web: pd.DataFrame,
     metrics = _metrics(decided, manifest, threshold, calibration, provenance, decoding, images_per_s,
                        cfg.signal, temp, cfg.synthetic_threshold, cfg.synthetic_confidence)
     metrics["filter_check"] = check
+    if cfg.phrases.top > 0:
+        web_rows = decided[decided["kind"] == "web"]
+        metrics["unseen_phrases"] = unseen_phrases(web_rows["caption"].tolist(), (web_rows["reason"] == "").tolist(),
+                                                   human_train["caption"], cfg.phrases, cfg.seed)
+        _log_phrases(metrics["unseen_phrases"])
     write_json(out / "metrics.json", metrics)
     log.info("bootstrap: kept %d/%d web texts and %d/%d synthetic captions (%s threshold %.3f); %d pairs",
              metrics["web_kept"], metrics["web_texts"], metrics["synthetic_kept"],

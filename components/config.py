@@ -375,6 +375,16 @@ class PromoteConfig(Section):
 # --- bootstrap and evaluate: CapFilt and its measurement (components/bootstrap.py, evaluate.py) --
 
 
+class PhrasesConfig(Section):
+    """The bootstrap's table of phrases no human caption uses, by how many more of their web texts
+    the filter removed than its average rate (components/phrases.py)."""
+
+    max_words: int = Field(2, ge=1, le=4)  # n-grams of 1..max_words words
+    min_texts: int = Field(20, ge=1)  # a phrase counts once at least this many web texts have it
+    top: int = Field(20, ge=0)  # rows kept in metrics.json; 0 = the table is off
+    sample: int = Field(200_000, ge=1)  # web texts read at most (a seeded sample above it)
+
+
 class BootstrapConfig(Section):
     """CapFilt: caption every web image, score web and synthetic texts with ITM, keep the matches.
 
@@ -433,6 +443,7 @@ class BootstrapConfig(Section):
     merge_timeout_s: int = Field(3600, ge=1)  # rank 0 waits this long for other ranks' parts
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = cores / ranks
     text: TextInput = TextInput()  # how the filter tokenises web and synthetic texts
+    phrases: PhrasesConfig = PhrasesConfig()  # metrics.json `unseen_phrases`
     rounds: int = Field(1, ge=1)  # bootstrap rounds; > 1 adds rounds 3.. in the rounds stage
     rounds_out: str = "outputs/rounds"  # the rounds stage: metrics.json, extra/round<k>/
 

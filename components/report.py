@@ -335,6 +335,13 @@ def decoding_table(decoding: dict[str, Any]) -> pd.DataFrame:
                         columns=["decoding", *cols])
 
 
+def phrase_table(unseen: dict[str, Any]) -> pd.DataFrame:
+    """metrics["unseen_phrases"]["top"] as report rows."""
+    return pd.DataFrame([{"phrase": r["phrase"], "web texts": r["texts"], "kept": r["kept"],
+                          "kept %": round(100 * r["kept_fraction"], 1), "lost": round(r["lost"], 1)}
+                         for r in unseen["top"]])
+
+
 def _filter_table(f: dict[str, Any]) -> pd.DataFrame:
     rows = [(k, f[k]) for k in ("signal", "prior_images", "auroc", "auroc_itm", "auroc_itc", "auroc_itm_itc",
                                 "score_threshold",
@@ -399,6 +406,14 @@ def render_html(metrics: dict[str, Any], pngs: dict[str, bytes], grid: str) -> s
                   _table(draws_table(d))]
     if "filter" in metrics:
         parts += ["<h2>Filter vs web ground truth</h2>", _table(_filter_table(metrics["filter"]))]
+    if metrics.get("unseen_phrases", {}).get("top"):
+        u = metrics["unseen_phrases"]
+        parts += ["<h2>Phrases no human caption uses, by how many more of their web texts the filter removed</h2>",
+                  f"<p>The filter kept {100 * u['kept_fraction']:.1f}% of the {u['texts']} web texts. Each row: a "
+                  f"phrase of up to {u['max_words']} words in at least {u['min_texts']} web texts and in no human "
+                  "caption; lost: how many more of its texts were removed than that average rate would remove. "
+                  "Boilerplate belongs here; a concept here is one the captioner and filter never saw named, "
+                  "and the cleaned corpus loses it.</p>", _table(phrase_table(u))]
     if "decoding" in metrics:
         parts += ["<h2>Synthetic captions by decoding (noise ratio: the fraction the filter removed)</h2>",
                   _table(decoding_table(metrics["decoding"]))]

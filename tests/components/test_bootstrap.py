@@ -71,6 +71,15 @@ def test_every_web_text_lands_in_exactly_one_output(world, reference):
     assert result.metrics["web_kept"] == len(kept) and result.metrics["web_texts"] == 10
 
 
+def test_metrics_hold_the_phrase_table_unless_it_is_off(world, reference, tmp_path):
+    cfg, result = reference
+    table = result.metrics["unseen_phrases"]
+    assert table["texts"] == 10 and table["min_texts"] == cfg.phrases.min_texts
+    off = bootstrap.run(boot_cfg(world, tmp_path / "out", itm_threshold=SPLIT, phrases={"top": 0}),
+                        lenient_validation(), ONE)
+    assert "unseen_phrases" not in off.metrics
+
+
 def test_rows_resolve_and_carry_provenance(world, reference):
     cfg, _ = reference
     manifest, removed = _tables(Path(cfg.out))

@@ -16,6 +16,7 @@ from components import bootstrap, evaluate, report
 from components.batch_inference import Images, device, load_filter
 from components.config import EvaluateConfig, SynthConfig
 from components.distributed import RankInfo
+from components.phrases import phrases
 from components.schemas import read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -266,8 +267,8 @@ def test_topk_itm_scores_each_pair_once_and_like_one_pair_alone(tmp_path):
 def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
     torch.set_num_threads(1)
     world = make_world(tmp_path, n_web=12)
-    bootstrap.run(boot_cfg(world, tmp_path / "boot", itm_threshold=SPLIT), lenient_validation(),
-                  RankInfo(0, 1, 0))
+    bootstrap.run(boot_cfg(world, tmp_path / "boot", itm_threshold=SPLIT, phrases={"min_texts": 1}),
+                  lenient_validation(), RankInfo(0, 1, 0))
     bootstrap.run(boot_cfg(world, tmp_path / "greedy", itm_threshold=SPLIT, decoding="greedy"),
                   lenient_validation(), RankInfo(0, 1, 0))
     write_truth(tmp_path / "web", 12)
@@ -324,6 +325,16 @@ def test_the_stage_writes_metrics_plots_and_a_self_contained_report(tmp_path):
         if text in page:  # every removed web text on the page is struck through
             assert f'<span class="removed">{text}</span>' in page
     assert 'class="removed"' in page and 'class="kept"' in page  # SPLIT keeps some, removes some
+    # the bootstrap's phrase table, re-counted from the decisions, is in metrics.json and the page
+    unseen = metrics["unseen_phrases"]
+    assert unseen == json.loads((tmp_path / "boot" / "metrics.json").read_text())["unseen_phrases"]
+    web_rows = decisions[decisions["source"] == "web"]
+    assert unseen["texts"] == len(web_rows) == 12 and unseen["top"]
+    for row in unseen["top"]:
+        has = [row["phrase"] in phrases(c, 2) for c in web_rows["caption"]]
+        assert row["texts"] == sum(has) and row["kept"] == int(web_rows["kept"][has].sum())
+        assert f"<td>{row['phrase']}</td>" in page
+    assert page.count("Phrases no human caption uses") == 1
 
 
 def test_report_breaks_position_down_by_where_misplaced_objects_are_put(synth_test):

@@ -338,7 +338,7 @@ def decoding_table(decoding: dict[str, Any]) -> pd.DataFrame:
 def phrase_table(unseen: dict[str, Any]) -> pd.DataFrame:
     """metrics["unseen_phrases"]["top"] as report rows."""
     return pd.DataFrame([{"phrase": r["phrase"], "web texts": r["texts"], "kept": r["kept"],
-                          "kept %": round(100 * r["kept_fraction"], 1), "lost": round(r["lost"], 1)}
+                          "kept %": f"{100 * r['kept_fraction']:.1f}", "lost": f"{r['lost']:.1f}"}
                          for r in unseen["top"]])
 
 

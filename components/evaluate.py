@@ -545,17 +545,6 @@ def draw_gains(cfg: EvaluateConfig, metrics: dict[str, Any]) -> dict[str, Any] |
     return {"run": f"seed{stage['run_seed']}", "confidence": cfg.confidence, "draws": draws, "summary": summary}
 
 
-def _bootstrap_phrases(root: Path) -> dict[str, Any] | None:
-    """The bootstrap's `unseen_phrases` table (components/phrases.py); None when it has none."""
-    path = root / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("unseen_phrases")
-    except ValueError as exc:
-        raise CapfiltError(f"{path}: not valid JSON ({exc}); run the bootstrap stage again") from None
-
-
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """`capfilt stage evaluate`: metrics.json, plots and report.html under `cfg.out`."""
     from components.synth_score import load_scenes
@@ -581,7 +570,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     web_scenes = load_scenes(Path(cfg.web_truth)) if truth is not None else None
     if (Path(cfg.bootstrap) / "manifest.parquet").is_file():
         decisions = web_decisions(cfg)
-        phrases = _bootstrap_phrases(Path(cfg.bootstrap))
+        phrases = (_stage_metrics(Path(cfg.bootstrap) / "metrics.json") or {}).get("unseen_phrases")
         if phrases is not None:
             metrics["unseen_phrases"] = phrases
         if truth is not None:
